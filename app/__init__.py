@@ -1,0 +1,32 @@
+"""Passerelle: wallet cards from CRM data. ``create_app()`` is the entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from app.config import Settings
+from app.services import Services
+
+
+def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
+    """Build the web application from settings (environment by default)."""
+    settings = settings or Settings.from_env(**overrides)
+    app = Flask(__name__, instance_path=str(settings.instance_path))
+    app.config["SECRET_KEY"] = settings.ensure_secret_key()
+    app.config["MAX_CONTENT_LENGTH"] = 2 * 1024 * 1024
+    services = Services(settings)
+    app.extensions["passerelle"] = services
+
+    from app.web import demo, errors, health
+
+    errors.register(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(demo.bp)
+    return app
+
+
+def services_of(app: Flask) -> Services:
+    services: Services = app.extensions["passerelle"]
+    return services

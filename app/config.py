@@ -1,0 +1,108 @@
+"""Settings, read from environment variables prefixed ``PASSERELLE_``.
+
+Every setting has a documented default so that a fresh clone runs with no
+configuration at all (SQLite under the instance folder, development
+certificates, a demo tenant). Production deployments override them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+PREFIX = "PASSERELLE_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_instance() -> Path:
+    return REPO_ROOT / "instance"
+
+
+def _as_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {raw!r} (use true/false)")
+
+
+@dataclass
+class Settings:
+    """All runtime settings. Field docs are the reference for README's table."""
+
+    #: Folder for the SQLite database, the secret key file and derived caches.
+    instance_path: Path = field(default_factory=_default_instance)
+    #: SQLAlchemy URL. ``postgresql://`` is accepted and mapped to psycopg 3.
+    database_url: str = ""
+    #: Base URL written into passes (webServiceURL) and links. No trailing slash.
+    public_url: str = "http://127.0.0.1:8000"
+    #: Where pass templates live (one folder per template).
+    templates_path: Path = REPO_ROOT / "pass_templates"
+    #: Pass-type certificates and WWDR intermediates (see certs.example/README.md).
+    certs_path: Path = field(default_factory=lambda: _default_instance() / "certs")
+    #: Flask session/CSRF key. Generated once into the instance folder when unset.
+    secret_key: str = ""
+    #: Demo mode: seeds nothing by itself, but turns on the /demo page.
+    demo: bool = False
+    #: Warn when a pass certificate expires within this many days.
+    cert_warn_days: int = 30
+    #: Refuse to start when certificates fail their checks (false only for tests).
+    strict_certs: bool = True
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            if f.type in ("Path",):
+                values[f.name] = Path(raw)
+            elif f.type == "bool":
+                values[f.name] = _as_bool(raw)
+            elif f.type == "int":
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings._fill_derived_defaults(instance_overridden="instance_path" in values,
+                                        certs_overridden="certs_path" in values)
+        return settings
+
+    def _fill_derived_defaults(self, *, instance_overridden: bool, certs_overridden: bool) -> None:
+        self.instance_path = Path(self.instance_path)
+        self.templates_path = Path(self.templates_path)
+        if instance_overridden and not certs_overridden:
+            self.certs_path = self.instance_path / "certs"
+        self.certs_path = Path(self.certs_path)
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.instance_path / 'passerelle.sqlite3'}"
+        self.database_url = normalize_database_url(self.database_url)
+        self.public_url = self.public_url.rstrip("/")
+
+    def ensure_secret_key(self) -> str:
+        """Return the secret key, creating a random one in the instance folder if needed."""
+        if self.secret_key:
+            return self.secret_key
+        path = self.instance_path / "secret_key"
+        if path.exists():
+            self.secret_key = path.read_text().strip()
+        else:
+            self.instance_path.mkdir(parents=True, exist_ok=True)
+            self.secret_key = secrets.token_urlsafe(48)
+            path.write_text(self.secret_key)
+            path.chmod(0o600)
+        return self.secret_key
+
+
+def normalize_database_url(url: str) -> str:
+    """Map driver-less PostgreSQL URLs to psycopg 3, the driver we ship."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain):]
+    return url

@@ -1,0 +1,322 @@
+"""Customers: validation, upsert by external id, and CSV import.
+
+CSV import rules (also in README):
+- ``external_id`` is required; rows are upserted by it within the tenant.
+- Known columns update the matching customer field: email, first_name,
+  last_name, locale, phone, birthday (YYYY-MM-DD).
+- ``consent_<kind>`` columns (yes/no, true/false, 1/0) record a consent
+  decision with source ``import``.
+- Any other column becomes a free attribute (points, tier, referral_id ...).
+- Columns absent from the file, and blank cells, leave stored values alone.
+- A bad row is reported with its line number and skipped; good rows are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from babel import Locale, UnknownLocaleError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.models import Consent, Customer
+
+STANDARD_FIELDS = ("email", "first_name", "last_name", "locale", "phone", "birthday")
+CONSENT_PREFIX = "consent_"
+BATCH_SIZE = 500
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_TRUE = {"1", "true", "yes", "y", "oui", "ano", "ja"}
+_FALSE = {"0", "false", "no", "n", "non", "ne", "nein"}
+_ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+
+
+class CustomerDataError(ValueError):
+    """A value a customer record cannot take; the message names the field."""
+
+
+class ImportFileError(ValueError):
+    """The file as a whole cannot be imported (encoding, header)."""
+
+
+def normalize_email(value: str) -> str:
+    email = value.strip().lower()
+    if len(email) > 320 or not _EMAIL.match(email):
+        raise CustomerDataError(f"email: {value!r} is not an email address")
+    return email
+
+
+def normalize_locale(value: str) -> str:
+    tag = value.strip().replace("_", "-")
+    try:
+        Locale.parse(tag.replace("-", "_"))
+    except (UnknownLocaleError, ValueError):
+        raise CustomerDataError(f"locale: {value!r} is not a known language tag (e.g. fr-FR)") from None
+    return tag
+
+
+def parse_birthday(value: str) -> dt.date:
+    try:
+        day = dt.date.fromisoformat(value.strip())
+    except ValueError:
+        raise CustomerDataError(f"birthday: {value!r} is not a date (use YYYY-MM-DD)") from None
+    if not dt.date(1900, 1, 1) <= day <= dt.date.today():
+        raise CustomerDataError(f"birthday: {value!r} is out of range")
+    return day
+
+
+def parse_consent(kind: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise CustomerDataError(f"{CONSENT_PREFIX}{kind}: {value!r} is not yes/no")
+
+
+def clean_standard(name: str, value: str) -> Any:
+    value = value.strip()
+    if name == "email":
+        return normalize_email(value)
+    if name == "locale":
+        return normalize_locale(value)
+    if name == "birthday":
+        return parse_birthday(value)
+    limit = {"first_name": 200, "last_name": 200, "phone": 40}[name]
+    if len(value) > limit:
+        raise CustomerDataError(f"{name}: longer than {limit} characters")
+    return value
+
+
+def apply_changes(customer: Customer, values: dict[str, Any], attributes: dict[str, Any]) -> bool:
+    """Set fields and merge attributes; return True if anything changed."""
+    changed = False
+    for name, value in values.items():
+        if getattr(customer, name) != value:
+            setattr(customer, name, value)
+            changed = True
+    current = dict(customer.attributes or {})
+    merged = {**current, **attributes}
+    if merged != current:
+        customer.attributes = merged
+        changed = True
+    return changed
+
+
+def record_consent(session: Session, customer: Customer, kind: str, granted: bool, source: str,
+                   text: str | None = None) -> bool:
+    """Append a consent decision unless it repeats the current one."""
+    current = customer.current_consents().get(kind)
+    if current is not None and current.granted == granted:
+        return False
+    consent = Consent(tenant_id=customer.tenant_id, kind=kind, granted=granted, source=source,
+                      text=text)
+    customer.consents.append(consent)
+    session.add(consent)
+    return True
+
+
+# -- CSV import -----------------------------------------------------------------------
+
+@dataclass
+class RowError:
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass
+class ImportReport:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    errors: list[RowError] = field(default_factory=list)
+
+    @property
+    def imported(self) -> int:
+        return self.created + self.updated + self.unchanged
+
+
+@dataclass
+class _Row:
+    line: int
+    external_id: str
+    values: dict[str, Any]
+    attributes: dict[str, Any]
+    consents: dict[str, bool]
+
+
+def read_csv_text(path: Path) -> str:
+    raw = path.read_bytes()
+    for encoding in ("utf-8-sig", "utf-16"):
+        if encoding == "utf-16" and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            continue
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise ImportFileError(
+                f"{path}: line {line} is not valid {encoding.upper().replace('-SIG', '')}; "
+                f"save the file as UTF-8 (in Excel: 'CSV UTF-8')"
+            ) from None
+    raise ImportFileError(f"{path}: unreadable")
+
+
+def parse_rows(text: str, source: str) -> tuple[list[str], Iterator[_Row | RowError]]:
+    sample = text[:8192]
+    try:
+        dialect: Any = csv.Sniffer().sniff(sample, delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    reader = csv.reader(io.StringIO(text), dialect)
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise ImportFileError(f"{source}: the file is empty") from None
+    header = [h.lower() for h in header]
+    if "external_id" not in header:
+        raise ImportFileError(
+            f"{source}: no external_id column (found: {', '.join(header) or 'nothing'}); "
+            f"the first line must name the columns"
+        )
+    duplicates = sorted({h for h in header if header.count(h) > 1})
+    if duplicates:
+        raise ImportFileError(f"{source}: column(s) named twice: {', '.join(duplicates)}")
+    bad = [h for h in header if h not in STANDARD_FIELDS and h != "external_id"
+           and not h.startswith(CONSENT_PREFIX) and not _ATTRIBUTE_NAME.match(h)]
+    if bad:
+        raise ImportFileError(f"{source}: column name(s) not usable as attributes: "
+                              f"{', '.join(map(repr, bad))}")
+    return header, _iter_rows(reader, header)
+
+
+def _iter_rows(reader: Iterable[list[str]], header: list[str]) -> Iterator[_Row | RowError]:
+    for cells in reader:
+        line = reader.line_num  # type: ignore[attr-defined]
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            yield RowError(line, f"{len(cells)} cells but the header has {len(header)} columns")
+            continue
+        try:
+            yield _parse_row(line, dict(zip(header, cells)))
+        except CustomerDataError as exc:
+            yield RowError(line, str(exc))
+
+
+def _parse_row(line: int, record: dict[str, str]) -> _Row:
+    external_id = record.pop("external_id").strip()
+    if not external_id:
+        raise CustomerDataError("external_id is empty")
+    if len(external_id) > 128:
+        raise CustomerDataError("external_id is longer than 128 characters")
+    values: dict[str, Any] = {}
+    attributes: dict[str, Any] = {}
+    consents: dict[str, bool] = {}
+    for name, cell in record.items():
+        if not cell.strip():
+            continue  # blank cell: leave the stored value alone
+        if name in STANDARD_FIELDS:
+            values[name] = clean_standard(name, cell)
+        elif name.startswith(CONSENT_PREFIX):
+            kind = name[len(CONSENT_PREFIX):]
+            consents[kind] = parse_consent(kind, cell)
+        else:
+            attributes[name] = cell.strip()
+    return _Row(line, external_id, values, attributes, consents)
+
+
+def import_csv(session: Session, tenant_id: int, path: Path,
+               progress: Callable[[int], None] | None = None) -> ImportReport:
+    """Upsert customers from a CSV file; commits every batch so good rows are never lost."""
+    text = read_csv_text(path)
+    _, rows = parse_rows(text, str(path))
+    report = ImportReport()
+    batch: list[_Row] = []
+    for item in rows:
+        if isinstance(item, RowError):
+            report.errors.append(item)
+            if progress:
+                progress(1)
+            continue
+        batch.append(item)
+        if len(batch) >= BATCH_SIZE:
+            _import_batch(session, tenant_id, batch, report)
+            if progress:
+                progress(len(batch))
+            batch = []
+    if batch:
+        _import_batch(session, tenant_id, batch, report)
+        if progress:
+            progress(len(batch))
+    report.errors.sort(key=lambda e: e.line)
+    return report
+
+
+def _import_batch(session: Session, tenant_id: int, batch: list[_Row], report: ImportReport) -> None:
+    try:
+        _apply_batch(session, tenant_id, batch, report, per_row=False)
+        session.commit()
+    except IntegrityError:
+        # A conflict we could not foresee (e.g. a concurrent writer): redo row by row.
+        session.rollback()
+        _apply_batch(session, tenant_id, batch, report, per_row=True)
+        session.commit()
+
+
+def _apply_batch(session: Session, tenant_id: int, batch: list[_Row], report: ImportReport,
+                 *, per_row: bool) -> None:
+    ids = {row.external_id for row in batch}
+    emails = {row.values["email"] for row in batch if "email" in row.values}
+    existing = {c.external_id: c for c in session.scalars(
+        select(Customer).where(Customer.tenant_id == tenant_id, Customer.external_id.in_(ids)))}
+    email_owner = dict(session.execute(
+        select(Customer.email, Customer.external_id)
+        .where(Customer.tenant_id == tenant_id, Customer.email.in_(emails))).all()) if emails else {}
+    counts = ImportReport()
+    for row in batch:
+        owner = email_owner.get(row.values.get("email"))
+        if owner is not None and owner != row.external_id:
+            counts.errors.append(RowError(row.line, "email is already used by another customer"))
+            continue
+        savepoint = session.begin_nested() if per_row else None
+        try:
+            customer = existing.get(row.external_id)
+            created = customer is None
+            if customer is None:
+                customer = Customer(tenant_id=tenant_id, external_id=row.external_id, attributes={})
+                session.add(customer)
+                existing[row.external_id] = customer
+            changed = apply_changes(customer, row.values, row.attributes)
+            for kind, granted in row.consents.items():
+                changed = record_consent(session, customer, kind, granted, "import") or changed
+            if per_row:
+                session.flush()
+                savepoint.commit()  # type: ignore[union-attr]
+        except IntegrityError:
+            savepoint.rollback()  # type: ignore[union-attr]
+            existing.pop(row.external_id, None)
+            counts.errors.append(RowError(row.line, "conflicts with another customer"))
+            continue
+        if "email" in row.values:
+            email_owner[row.values["email"]] = row.external_id
+        if created:
+            counts.created += 1
+        elif changed:
+            counts.updated += 1
+        else:
+            counts.unchanged += 1
+    session.flush()
+    report.created += counts.created
+    report.updated += counts.updated
+    report.unchanged += counts.unchanged
+    report.errors.extend(counts.errors)

@@ -1,0 +1,102 @@
+"""Database engine, sessions and the tenant guard.
+
+Plain SQLAlchemy 2 (no Flask-SQLAlchemy) so that domain code, commands and
+worker processes use the same sessions without an application context.
+
+Tenant isolation is enforced here, not left to each query: a session opened
+with ``tenant_session(tenant_id)`` adds ``tenant_id = :id`` to every ORM
+SELECT of a tenant-owned model (``with_loader_criteria``), so no code path that
+goes through such a session can read another tenant's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
+
+from app.models import TenantOwned
+
+TENANT_KEY = "tenant_id"
+
+
+class Database:
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        self.engine: Engine = _make_engine(url, echo=echo)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def session(self) -> Session:
+        """An unscoped session: for system tasks (migrations, demo seeding, admin)."""
+        return self._sessions()
+
+    def tenant_session(self, tenant_id: int) -> Session:
+        """A session that can only ever see rows of one tenant."""
+        session = self._sessions()
+        session.info[TENANT_KEY] = tenant_id
+        return session
+
+    @contextmanager
+    def transaction(self, tenant_id: int | None = None) -> Iterator[Session]:
+        """Open a session, commit on success, roll back on error, always close."""
+        session = self.session() if tenant_id is None else self.tenant_session(tenant_id)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _make_engine(url: str, *, echo: bool) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, echo=echo, pool_pre_ping=True)
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _scope_to_tenant(state: ORMExecuteState) -> None:
+    tenant_id = state.session.info.get(TENANT_KEY)
+    if tenant_id is None or not state.is_select:
+        return
+    state.statement = state.statement.options(
+        with_loader_criteria(
+            TenantOwned,
+            lambda cls: cls.tenant_id == tenant_id,
+            include_aliases=True,
+        )
+    )
+
+
+@event.listens_for(Session, "before_flush")
+def _refuse_foreign_writes(session: Session, _ctx, _instances) -> None:  # type: ignore[no-untyped-def]
+    """A tenant session may only insert or change its own tenant's rows."""
+    tenant_id = session.info.get(TENANT_KEY)
+    if tenant_id is None:
+        return
+    for obj in list(session.new) + list(session.dirty) + list(session.deleted):
+        if isinstance(obj, TenantOwned):
+            if obj.tenant_id is None and obj in session.new:
+                obj.tenant_id = tenant_id
+            elif obj.tenant_id != tenant_id:
+                raise PermissionError(
+                    f"{type(obj).__name__} belongs to tenant {obj.tenant_id}, "
+                    f"not to this session's tenant {tenant_id}"
+                )

@@ -1,0 +1,248 @@
+"""The domain model: tenants, their Apple identities, programs, customers, consents, cards.
+
+Typed SQLAlchemy 2 declarative models. Every row that belongs to a brand
+carries ``tenant_id`` through :class:`TenantOwned`; :mod:`app.db` uses that
+marker to scope every query of a tenant session.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.mutable import MutableDict
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
+
+# Named constraints make Alembic migrations deterministic across databases.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes on every backend (SQLite drops the zone otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use an aware UTC datetime")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+JSONDict = MutableDict.as_mutable(JSON().with_variant(JSONB(), "postgresql"))
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_serial_number() -> str:
+    """128 random bits, URL-safe: unguessable and safe in Apple's URL paths."""
+    return secrets.token_urlsafe(16)
+
+
+def new_authentication_token() -> str:
+    """Apple requires >= 16 characters; 43 URL-safe characters carry 256 bits."""
+    return secrets.token_urlsafe(32)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        dt.datetime: UTCDateTime(),
+        dt.date: Date(),
+        dict[str, Any]: JSONDict,
+    }
+
+
+class TenantOwned:
+    """Marker mixin: the row belongs to one tenant and is invisible to the others."""
+
+    @declared_attr
+    def tenant_id(cls) -> Mapped[int]:  # noqa: N805 - declared_attr takes the class
+        return mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+
+
+class Tenant(Base):
+    """A brand running one or more loyalty programs."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # Key for links an email tool computes itself (HMAC-SHA256). Two are kept
+    # so a secret can be rotated without breaking emails already sent.
+    link_secret: Mapped[str] = mapped_column(String(128), default=lambda: secrets.token_urlsafe(32))
+    link_secret_previous: Mapped[str | None] = mapped_column(String(128))
+    google_issuer_id: Mapped[str | None] = mapped_column(String(64))
+    google_service_account_file: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    apple_identities: Mapped[list[AppleIdentity]] = relationship(back_populates="tenant")
+    programs: Mapped[list[Program]] = relationship(back_populates="tenant")
+
+    def __repr__(self) -> str:
+        return f"<Tenant {self.slug}>"
+
+
+class AppleIdentity(TenantOwned, Base):
+    """A Pass Type ID certificate a tenant signs with (files live under certs_path)."""
+
+    __tablename__ = "apple_identities"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Globally unique: Apple issues each pass type identifier to one team.
+    pass_type_identifier: Mapped[str] = mapped_column(String(255), unique=True)
+    team_identifier: Mapped[str] = mapped_column(String(32))
+    # Paths relative to certs_path. Either a PEM certificate + PEM key, or a .p12.
+    certificate_file: Mapped[str] = mapped_column(String(500))
+    key_file: Mapped[str | None] = mapped_column(String(500))
+    # Name of the environment variable holding the key/.p12 password: never the password.
+    password_env: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    tenant: Mapped[Tenant] = relationship(back_populates="apple_identities")
+
+
+class Program(TenantOwned, Base):
+    """A card a tenant issues, e.g. "Gold Club loyalty card"."""
+
+    __tablename__ = "programs"
+    __table_args__ = (UniqueConstraint("tenant_id", "slug"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(200))
+    template: Mapped[str] = mapped_column(String(64))
+    pass_type_identifier: Mapped[str] = mapped_column(String(255))
+    team_identifier: Mapped[str] = mapped_column(String(32))
+    # Template variable -> customer attribute name, e.g. {"points": "loyalty_points"}.
+    field_mapping: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Template option overrides, e.g. {"barcode_format": "pdf417", "colors": {...}}.
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    tenant: Mapped[Tenant] = relationship(back_populates="programs")
+
+    def __repr__(self) -> str:
+        return f"<Program {self.slug}>"
+
+
+class Customer(TenantOwned, Base):
+    """A loyalty member as the brand's CRM knows them."""
+
+    __tablename__ = "customers"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "external_id"),
+        UniqueConstraint("tenant_id", "email"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(128))
+    email: Mapped[str | None] = mapped_column(String(320))
+    first_name: Mapped[str | None] = mapped_column(String(200))
+    last_name: Mapped[str | None] = mapped_column(String(200))
+    locale: Mapped[str | None] = mapped_column(String(35))
+    phone: Mapped[str | None] = mapped_column(String(40))
+    birthday: Mapped[dt.date | None]
+    # Free CRM attributes: points, tier, referral id, ...
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    consents: Mapped[list[Consent]] = relationship(
+        back_populates="customer", order_by="Consent.recorded_at", cascade="all, delete-orphan"
+    )
+    cards: Mapped[list[Card]] = relationship(back_populates="customer", cascade="all, delete-orphan")
+
+    @property
+    def full_name(self) -> str:
+        return " ".join(part for part in (self.first_name, self.last_name) if part)
+
+    def current_consents(self) -> dict[str, Consent]:
+        """The latest consent record per kind (records are append-only history)."""
+        latest: dict[str, Consent] = {}
+        for consent in self.consents:
+            latest[consent.kind] = consent
+        return latest
+
+    def __repr__(self) -> str:
+        return f"<Customer {self.id}>"  # no personal data in logs
+
+
+class Consent(TenantOwned, Base):
+    """One consent decision. Append-only, so the history is the proof."""
+
+    __tablename__ = "consents"
+    __table_args__ = (Index("ix_consents_customer_kind", "customer_id", "kind", "recorded_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(64))  # marketing_email, sms, terms, ...
+    granted: Mapped[bool] = mapped_column(Boolean)
+    recorded_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    source: Mapped[str] = mapped_column(String(64))  # import, form, api, webhook, ...
+    text: Mapped[str | None] = mapped_column(Text)  # the exact wording shown, if any
+
+    customer: Mapped[Customer] = relationship(back_populates="consents")
+
+
+class Card(TenantOwned, Base):
+    """One wallet card: a customer's membership in one program."""
+
+    __tablename__ = "cards"
+    __table_args__ = (UniqueConstraint("program_id", "customer_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id", ondelete="CASCADE"))
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
+    serial_number: Mapped[str] = mapped_column(String(64), unique=True, default=new_serial_number)
+    # Kept in clear on purpose: it must be written into every re-served pass and
+    # Apple forbids changing it for an installed card. Compared in constant time.
+    authentication_token: Mapped[str] = mapped_column(String(128), default=new_authentication_token)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    last_modified: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # SHA-256 of the last rendered pass content: unchanged data makes no new version.
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    voided: Mapped[bool] = mapped_column(Boolean, default=False)
+    expires_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    program: Mapped[Program] = relationship()
+    customer: Mapped[Customer] = relationship(back_populates="cards")
+
+    def __repr__(self) -> str:
+        return f"<Card {self.serial_number}>"

@@ -1,0 +1,1 @@
+"""Apple Wallet pass building: templates, images, packaging and signing."""

@@ -1,0 +1,72 @@
+"""The long-lived parts of a running Passerelle, shared by web, commands and workers.
+
+One :class:`Services` per process: the database, the template library (with
+its derived images) and the loaded signing identities, each built once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from app import certs
+from app.config import Settings
+from app.db import Database
+from app.models import AppleIdentity, Program
+from app.passes.builder import PassBuilder
+from app.passes.images import ImageCache
+from app.passes.template import TemplateLibrary
+
+
+class Services:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.templates = TemplateLibrary(
+            settings.templates_path, ImageCache(settings.instance_path / "image-cache")
+        )
+        self._identities: dict[tuple[str, float], certs.SigningIdentity] = {}
+        self._builders: dict[tuple[str, str, float], PassBuilder] = {}
+
+    @property
+    def web_service_url(self) -> str:
+        return f"{self.settings.public_url}/passkit"
+
+    def signing_identity(self, identity: AppleIdentity) -> certs.SigningIdentity:
+        """Load (once per certificate file version) the key and chain for a pass type."""
+        stamp = _mtime(self.settings.certs_path, identity.certificate_file)
+        key = (identity.pass_type_identifier, stamp)
+        if key not in self._identities:
+            self._identities[key] = certs.load_identity(
+                self.settings.certs_path, identity.certificate_file, identity.key_file,
+                identity_password(identity),
+            )
+        return self._identities[key]
+
+    def pass_builder(self, program: Program, identity: AppleIdentity) -> PassBuilder:
+        stamp = _mtime(self.settings.certs_path, identity.certificate_file)
+        key = (program.template, identity.pass_type_identifier, stamp)
+        if key not in self._builders:
+            template = self.templates.get(program.template)
+            self._builders[key] = PassBuilder(template, self.signing_identity(identity).sign)
+        return self._builders[key]
+
+
+def identity_password(identity: AppleIdentity) -> bytes | None:
+    """The key or .p12 password, read from the environment variable the identity names."""
+    if not identity.password_env:
+        return None
+    value = os.environ.get(identity.password_env)
+    if value is None:
+        raise certs.CertificateError(
+            f"{identity.pass_type_identifier}: environment variable {identity.password_env} "
+            f"(the certificate password) is not set"
+        )
+    return value.encode()
+
+
+def _mtime(root: Path, relative: str) -> float:
+    try:
+        return (Path(root) / relative).stat().st_mtime
+    except OSError:
+        return 0.0

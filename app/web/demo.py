@@ -1,0 +1,64 @@
+"""The demo page (demo mode only): demo customers with a download button per card.
+
+Tokenized personal links replace it for real customers; here the card's
+serial number (random, no personal data) identifies the download.
+"""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, abort, render_template
+from sqlalchemy import select
+
+from app import cards
+from app.demo import DEMO_TENANT
+from app.models import Card, Customer, Program, Tenant
+from app.web import services
+
+bp = Blueprint("demo", __name__, url_prefix="/demo")
+
+PKPASS_MIMETYPE = "application/vnd.apple.pkpass"
+
+
+@bp.before_request
+def _demo_only() -> None:
+    if not services().settings.demo:
+        abort(404)
+
+
+def _demo_tenant_id() -> int:
+    with services().db.session() as session:
+        tenant_id = session.scalar(select(Tenant.id).where(Tenant.slug == DEMO_TENANT))
+    if tenant_id is None:
+        abort(404, "The demo has not been seeded: run `passerelle demo`.")
+    return tenant_id
+
+
+@bp.get("/")
+def index():  # type: ignore[no-untyped-def]
+    tenant_id = _demo_tenant_id()
+    with services().db.tenant_session(tenant_id) as session:
+        programs = session.scalars(select(Program).order_by(Program.id)).all()
+        customers = session.scalars(select(Customer).order_by(Customer.external_id)).all()
+        card_rows = session.scalars(select(Card)).all()
+        by_key = {(c.program_id, c.customer_id): c.serial_number for c in card_rows}
+        tenant = session.get(Tenant, tenant_id)
+        return render_template("demo.html", tenant=tenant, programs=programs,
+                               customers=customers, serials=by_key)
+
+
+@bp.get("/cards/<serial>.pkpass")
+def download(serial: str) -> Response:
+    tenant_id = _demo_tenant_id()
+    svc = services()
+    with svc.db.tenant_session(tenant_id) as session:
+        card = session.scalar(select(Card).where(Card.serial_number == serial))
+        if card is None:
+            abort(404, "No such card.")
+        data = cards.build_pkpass(session, card, svc)
+        last_modified = card.last_modified
+        session.commit()
+    response = Response(data, mimetype=PKPASS_MIMETYPE)
+    response.headers["Content-Disposition"] = f'attachment; filename="{serial}.pkpass"'
+    response.headers["Cache-Control"] = "no-store"
+    response.last_modified = last_modified
+    return response
