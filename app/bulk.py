@@ -8,6 +8,7 @@ at once, so memory stays flat whatever the number of cards.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -119,8 +120,10 @@ def build_program(session: Session, services: Services, program: Program, out_di
                 if progress:
                     progress(count)
 
+    # spawn, not fork: a forked copy of a threaded server or open DB pool is unsafe.
+    context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                             initargs=init_args) as pool:
+                             initargs=init_args, mp_context=context) as pool:
         for page in _pages(session, program):
             batch: list[tuple[str, bytes]] = []
             for card in page:

@@ -35,7 +35,8 @@ def parse(text: str, *, name: str = "pass.strings") -> dict[str, str]:
             break
         match = _TOKEN.match(text, pos)
         if match is None or match.end() == pos:
-            line = text.count("\n", 0, pos) + 1
+            start = len(text) - len(text[pos:].lstrip())
+            line = text.count("\n", 0, start) + 1
             raise StringsError(f'{name}, line {line}: expected "key" = "value";')
         if match.group(1) is not None:
             table[_unescape(match.group(1))] = _unescape(match.group(2))

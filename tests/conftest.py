@@ -1,0 +1,105 @@
+"""Shared fixtures: a real migrated database (SQLite, or PostgreSQL when
+PASSERELLE_TEST_DATABASE_URL is set), development certificates, the Flask app.
+
+Tests commit for real (commands and workers open their own connections), so
+every table is emptied after each test instead of rolling back a transaction.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from app import create_app, migrate
+from app.config import Settings, normalize_database_url
+from app.models import Base
+from app.services import Services
+
+TEST_DB_ENV = "PASSERELLE_TEST_DATABASE_URL"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get(TEST_DB_ENV)
+    if url:
+        url = normalize_database_url(url)
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("DROP SCHEMA public CASCADE"))
+                conn.execute(text("CREATE SCHEMA public"))
+        engine.dispose()
+    else:
+        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.sqlite3'}"
+    migrate.upgrade(url)
+    yield url
+
+
+@pytest.fixture(scope="session")
+def shared_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Certificates and derived images are slow to make: one set per test session."""
+    return {"certs": tmp_path_factory.mktemp("certs"),
+            "image_cache": tmp_path_factory.mktemp("image-cache")}
+
+
+@pytest.fixture()
+def settings(tmp_path: Path, database_url: str, shared_dirs: dict[str, Path]) -> Settings:
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    (instance / "image-cache").symlink_to(shared_dirs["image_cache"], target_is_directory=True)
+    return Settings.from_env(
+        environ={}, instance_path=instance, database_url=database_url,
+        certs_path=shared_dirs["certs"], demo=True, strict_certs=False,
+        public_url="https://wallet.example.test",
+    )
+
+
+@pytest.fixture()
+def app(settings: Settings):  # type: ignore[no-untyped-def]
+    flask_app = create_app(settings)
+    flask_app.config["TESTING"] = True
+    yield flask_app
+    _empty_tables(flask_app.extensions["passerelle"])
+    flask_app.extensions["passerelle"].db.dispose()
+
+
+@pytest.fixture()
+def services(app) -> Services:  # type: ignore[no-untyped-def]
+    svc: Services = app.extensions["passerelle"]
+    return svc
+
+
+@pytest.fixture()
+def client(app):  # type: ignore[no-untyped-def]
+    return app.test_client()
+
+
+@pytest.fixture()
+def runner(app):  # type: ignore[no-untyped-def]
+    return app.test_cli_runner()
+
+
+@pytest.fixture()
+def demo(services: Services):  # type: ignore[no-untyped-def]
+    from app import demo as demo_data
+
+    with services.db.transaction() as session:
+        seeded = demo_data.seed(session, services)
+        ids = {"tenant_id": seeded.tenant.id,
+               "program_ids": {p.slug: p.id for p in seeded.programs}}
+    return ids
+
+
+def _empty_tables(services: Services) -> None:
+    engine = services.db.engine
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables)]
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        else:
+            for table in tables:
+                conn.execute(text(f"DELETE FROM {table}"))

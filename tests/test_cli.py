@@ -1,0 +1,158 @@
+"""The passerelle commands, run through Click's runner against the real database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from app.cli import main
+from app.models import Card, Consent, Customer, Program, Tenant
+from tests.pkpass_check import verify_pkpass
+
+
+def invoke(runner, *args: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(main, list(args), catch_exceptions=False)
+
+
+def test_demo_is_idempotent(runner, services) -> None:  # type: ignore[no-untyped-def]
+    first = invoke(runner, "demo")
+    assert first.exit_code == 0, first.output
+    with services.db.session() as session:
+        counts = [session.scalar(select(func.count()).select_from(m))
+                  for m in (Tenant, Program, Customer, Card, Consent)]
+    second = invoke(runner, "demo")
+    assert second.exit_code == 0
+    with services.db.session() as session:
+        again = [session.scalar(select(func.count()).select_from(m))
+                 for m in (Tenant, Program, Customer, Card, Consent)]
+    assert counts == again == [1, 2, 5, 10, 5]
+
+
+def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_import_upserts_reports_bad_rows_and_keeps_good_ones(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    csv_file = _write(tmp_path / "customers.csv", (
+        "external_id;email;first_name;points;tier;consent_marketing_email;birthday\n"
+        "C-1001;camille.martin@example.com;Camille;2000;Platinum;no;\n"   # update
+        "N-1;New.Person@Example.com;Émile;10;;yes;1990-02-03\n"           # create
+        "N-2;not-an-email;X;1;;;\n"                                       # bad email
+        "N-3;n3@example.com;Y;1;;maybe;\n"                                # bad consent
+        ";n4@example.com;Z;1;;;\n"                                        # no id
+        "N-5;jiri.novak@example.com;W;1;;;\n"                             # email taken
+        "N-6;n6@example.com;V;1;;;1990-13-01\n"                           # bad date
+        "N-7;n7@example.com;Q;1\n"                                        # short row
+    ))
+    result = invoke(runner, "customers", "import", str(csv_file), "--tenant", "demo")
+    assert result.exit_code == 2
+    assert "1 created, 1 updated, 0 unchanged, 6 rejected" in result.output
+    for line, words in [(4, "email"), (5, "consent_marketing_email"), (6, "external_id"),
+                        (7, "already used"), (8, "birthday"), (9, "cells")]:
+        assert f"line {line}: " in result.output and words in result.output
+    with services.db.tenant_session(demo["tenant_id"]) as session:
+        camille = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+        assert camille.attributes["points"] == "2000" and camille.attributes["tier"] == "Platinum"
+        assert camille.last_name == "Martin"  # absent column left alone
+        assert camille.current_consents()["marketing_email"].granted is False
+        new = session.scalar(select(Customer).where(Customer.external_id == "N-1"))
+        assert new.email == "new.person@example.com" and new.first_name == "Émile"
+        assert new.birthday.isoformat() == "1990-02-03"
+        assert "tier" not in new.attributes  # blank cell
+        assert new.current_consents()["marketing_email"].source == "import"
+        assert session.scalar(select(func.count()).select_from(Customer)) == 6
+
+    # The same file again: nothing changes, the same rows are rejected.
+    again = invoke(runner, "customers", "import", str(csv_file), "--tenant", "demo")
+    assert "0 created, 0 updated, 2 unchanged, 6 rejected" in again.output
+
+
+def test_import_refuses_wrong_encoding_and_columns(runner, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    latin = _write(tmp_path / "latin.csv", "external_id,first_name\nA,Zoë\n", "latin-1")
+    result = invoke(runner, "customers", "import", str(latin), "--tenant", "demo")
+    assert result.exit_code == 1 and "line 2 is not valid UTF-8" in result.output
+    no_id = _write(tmp_path / "noid.csv", "id,email\n1,a@b.co\n")
+    result = invoke(runner, "customers", "import", str(no_id), "--tenant", "demo")
+    assert result.exit_code == 1 and "no external_id column" in result.output
+    twice = _write(tmp_path / "twice.csv", "external_id,email,Email\n1,a@b.co,c@d.co\n")
+    result = invoke(runner, "customers", "import", str(twice), "--tenant", "demo")
+    assert result.exit_code == 1 and "named twice: email" in result.output
+    empty = _write(tmp_path / "empty.csv", "")
+    assert "is empty" in invoke(runner, "customers", "import", str(empty), "--tenant", "demo").output
+    unknown = invoke(runner, "customers", "import", str(no_id), "--tenant", "nope")
+    assert unknown.exit_code == 1 and "no tenant 'nope'" in unknown.output
+
+
+def test_import_utf16_excel_export(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    utf16 = _write(tmp_path / "u16.csv", "external_id\tfirst_name\nU-1\tŽofie\n", "utf-16")
+    result = invoke(runner, "customers", "import", str(utf16), "--tenant", "demo")
+    assert result.exit_code == 0, result.output
+    with services.db.tenant_session(demo["tenant_id"]) as session:
+        assert session.scalar(select(Customer.first_name).where(
+            Customer.external_id == "U-1")) == "Žofie"
+
+
+def test_cards_build_writes_verified_passes_in_parallel(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    result = invoke(runner, "cards", "build", "--program", "rewards", "--out", str(out),
+                    "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert "5 cards written" in result.output and "5 with new content" in result.output
+    files = sorted(out.glob("*.pkpass"))
+    assert len(files) == 5
+    with services.db.tenant_session(demo["tenant_id"]) as session:
+        serials = set(session.scalars(select(Card.serial_number).where(
+            Card.program_id == demo["program_ids"]["rewards"])))
+    assert {f.stem for f in files} == serials
+    ca = services.settings.certs_path / "dev" / "root-ca.pem"
+    for i, f in enumerate(files):
+        verify_pkpass(f.read_bytes(), ca, tmp_path / f"v{i}")
+    # A second build has nothing new to version.
+    again = invoke(runner, "cards", "build", "--program", "rewards", "--out", str(out))
+    assert "0 with new content" in again.output
+
+
+def test_cards_build_issue_missing_and_bad_program(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with services.db.transaction(demo["tenant_id"]) as session:
+        session.add(Customer(external_id="lonely", attributes={"points": 3}))
+    result = invoke(runner, "cards", "build", "--program", "club", "--out", str(tmp_path / "o"),
+                    "--issue-missing", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "issued 1 new cards" in result.output and "6 cards written" in result.output
+    missing = invoke(runner, "cards", "build", "--program", "nope", "--out", str(tmp_path))
+    assert missing.exit_code == 1 and "no program 'nope'" in missing.output
+
+
+def test_cards_build_reports_cards_with_bad_data(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with services.db.transaction(demo["tenant_id"]) as session:
+        customer = session.scalar(select(Customer).where(Customer.external_id == "C-1002"))
+        customer.attributes["points"] = "many"
+    result = invoke(runner, "cards", "build", "--program", "rewards", "--out",
+                    str(tmp_path / "o"), "--workers", "1")
+    assert result.exit_code == 2
+    assert "4 cards written" in result.output
+    assert "field 'points': attribute 'points' = 'many' is not a valid int" in result.output
+
+
+def test_certs_check_passes_on_dev_certificates_and_fails_on_mismatch(runner, services, demo) -> None:  # type: ignore[no-untyped-def]
+    ok = invoke(runner, "certs", "check")
+    assert ok.exit_code == 0, ok.output
+    assert "certificates OK" in ok.output
+    with services.db.transaction() as session:
+        program = session.scalar(select(Program).where(Program.slug == "club"))
+        program.pass_type_identifier = "pass.other.type"
+    bad = invoke(runner, "certs", "check")
+    assert bad.exit_code == 1
+    assert "program 'club': no certificate registered for 'pass.other.type'" in bad.output
+
+
+def test_healthz_and_commands_refuse_unmigrated_database(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from app import create_app
+    from app.config import Settings
+
+    app = create_app(Settings.from_env(environ={}, instance_path=tmp_path / "i"))
+    result = app.test_cli_runner().invoke(main, ["demo"])
+    assert result.exit_code == 1 and "passerelle db upgrade" in result.output
+    app.extensions["passerelle"].db.dispose()
