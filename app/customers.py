@@ -156,28 +156,24 @@ class _Row:
 
 
 def read_csv_text(path: Path) -> str:
+    """UTF-8 (with or without BOM), or UTF-16 with a BOM (Excel's "Unicode text")."""
     raw = path.read_bytes()
-    for encoding in ("utf-8-sig", "utf-16"):
-        if encoding == "utf-16" and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-            continue
-        try:
-            return raw.decode(encoding)
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise ImportFileError(
-                f"{path}: line {line} is not valid {encoding.upper().replace('-SIG', '')}; "
-                f"save the file as UTF-8 (in Excel: 'CSV UTF-8')"
-            ) from None
-    raise ImportFileError(f"{path}: unreadable")
+    encoding = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ImportFileError(
+            f"{path}: line {line} is not valid {'UTF-16' if encoding == 'utf-16' else 'UTF-8'}; "
+            f"save the file as UTF-8 (in Excel: 'CSV UTF-8')"
+        ) from None
 
 
 def parse_rows(text: str, source: str) -> tuple[list[str], Iterator[_Row | RowError]]:
-    sample = text[:8192]
-    try:
-        dialect: Any = csv.Sniffer().sniff(sample, delimiters=",;\t")
-    except csv.Error:
-        dialect = csv.excel
-    reader = csv.reader(io.StringIO(text), dialect)
+    # The header decides the delimiter: French and German Excel write ";".
+    first_line = text.split("\n", 1)[0]
+    delimiter = max(",;\t", key=first_line.count)
+    reader = csv.reader(io.StringIO(text), csv.excel, delimiter=delimiter)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:

@@ -47,7 +47,7 @@ def test_import_upserts_reports_bad_rows_and_keeps_good_ones(runner, services, d
         "N-7;n7@example.com;Q;1\n"                                        # short row
     ))
     result = invoke(runner, "customers", "import", str(csv_file), "--tenant", "demo")
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     assert "1 created, 1 updated, 0 unchanged, 6 rejected" in result.output
     for line, words in [(4, "email"), (5, "consent_marketing_email"), (6, "external_id"),
                         (7, "already used"), (8, "birthday"), (9, "cells")]:
