@@ -1,9 +1,11 @@
 """Bulk .pkpass builds: every card of a program, over all CPU cores, in constant memory.
 
-The main process pages through cards (keyset pagination, so no long-lived
-cursor), renders pass.json and records content hashes; worker processes only
-sign and zip, which is where the time goes. At most a few batches are in flight
-at once, so memory stays flat whatever the number of cards.
+The main process only reads the database (keyset pagination, so no
+long-lived cursor) and turns rows into plain :class:`CardInput` values;
+worker processes render, sign and zip, which is where the time goes, and send
+back each card's content hash. The main process then moves the version of the
+cards whose content changed. At most a few batches are in flight at once, so
+memory stays flat whatever the number of cards.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from app import cards
-from app.certs import SigningIdentity, load_identity
-from app.models import Card, Customer, Program
-from app.passes.package import PassPackager
+from app.certs import load_identity
+from app.models import Card, Customer, Program, utcnow
+from app.passes.builder import CardInput, PassBuilder
+from app.passes.images import ImageCache
+from app.passes.template import TemplateLibrary
 from app.services import Services, identity_password
 
 PAGE_SIZE = 256
@@ -35,24 +39,49 @@ class BuildReport:
     errors: list[str]
 
 
+@dataclass(frozen=True)
+class _WorkerConfig:
+    templates_path: str
+    image_cache: str
+    template: str
+    certs_path: str
+    certificate_file: str
+    key_file: str | None
+    password: bytes | None
+    out_dir: str
+
+
+# One item of work: (card id, serial, input); one result: (card id, content hash or error).
+_Job = tuple[int, str, CardInput]
+_Result = tuple[int, str | None, str | None]
+
+
 # -- worker side ------------------------------------------------------------------------
 
-_worker: tuple[PassPackager, SigningIdentity, Path] | None = None
+_worker: tuple[PassBuilder, Path] | None = None
 
 
-def _init_worker(static_files: dict[str, bytes], certs_path: str, certificate_file: str,
-                 key_file: str | None, password: bytes | None, out_dir: str) -> None:
+def _init_worker(config: _WorkerConfig) -> None:
     global _worker
-    identity = load_identity(Path(certs_path), certificate_file, key_file, password)
-    _worker = (PassPackager(static_files), identity, Path(out_dir))
+    templates = TemplateLibrary(Path(config.templates_path), ImageCache(Path(config.image_cache)))
+    identity = load_identity(Path(config.certs_path), config.certificate_file, config.key_file,
+                             config.password)
+    _worker = (PassBuilder(templates.get(config.template), identity.sign), Path(config.out_dir))
 
 
-def _sign_batch(batch: list[tuple[str, bytes]]) -> int:
+def _build_batch(batch: list[_Job]) -> list[_Result]:
     assert _worker is not None, "worker not initialised"
-    packager, identity, out_dir = _worker
-    for serial, pass_json in batch:
-        _write(out_dir / f"{serial}.pkpass", packager.build(pass_json, identity.sign))
-    return len(batch)
+    builder, out_dir = _worker
+    results: list[_Result] = []
+    for card_id, serial, card in batch:
+        try:
+            pass_json = builder.pass_json(card)
+        except ValueError as exc:  # template and data errors name the field
+            results.append((card_id, None, f"card {serial}: {exc}"))
+            continue
+        _write(out_dir / f"{serial}.pkpass", builder.packager.build(pass_json, builder.signer))
+        results.append((card_id, builder.content_hash(pass_json), None))
+    return results
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -81,12 +110,12 @@ def issue_missing_cards(session: Session, program: Program) -> int:
     return created
 
 
-def _pages(session: Session, program: Program) -> Iterator[list[Card]]:
+def _pages(session: Session, program_id: int) -> Iterator[list[Card]]:
     last_id = 0
     while True:
         page = session.scalars(
             select(Card).options(joinedload(Card.customer), joinedload(Card.program))
-            .where(Card.program_id == program.id, Card.id > last_id)
+            .where(Card.program_id == program_id, Card.id > last_id)
             .order_by(Card.id).limit(PAGE_SIZE)).unique().all()
         if not page:
             return
@@ -94,56 +123,90 @@ def _pages(session: Session, program: Program) -> Iterator[list[Card]]:
         last_id = page[-1].id
 
 
+class _VersionRecorder:
+    """Remembers in-flight cards' hashes and versions; writes only the changed ones."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.known: dict[int, tuple[str | None, int]] = {}
+        self.changed = 0
+
+    def remember(self, card: Card) -> None:
+        self.known[card.id] = (card.content_hash, card.version)
+
+    def record(self, results: list[_Result]) -> list[str]:
+        now = utcnow()
+        updates, errors = [], []
+        for card_id, content_hash, error in results:
+            old_hash, version = self.known.pop(card_id)
+            if error is not None:
+                errors.append(error)
+            elif content_hash != old_hash:
+                updates.append({"id": card_id, "content_hash": content_hash,
+                                "version": version + 1, "last_modified": now})
+        if updates:
+            self.session.execute(update(Card), updates)
+            self.changed += len(updates)
+        return errors
+
+
 def build_program(session: Session, services: Services, program: Program, out_dir: Path,
                   workers: int | None = None,
                   progress: Callable[[int], None] | None = None) -> BuildReport:
     out_dir.mkdir(parents=True, exist_ok=True)
     identity_row = cards.apple_identity(session, program)
-    builder = services.pass_builder(program, identity_row)
+    services.signing_identity(identity_row)  # fail fast, before starting workers
+    services.templates.get(program.template)  # derive and cache images once, here
+    settings = services.settings
+    config = _WorkerConfig(
+        str(settings.templates_path), str(settings.instance_path / "image-cache"),
+        program.template, str(settings.certs_path), identity_row.certificate_file,
+        identity_row.key_file, identity_password(identity_row), str(out_dir))
     workers = workers or os.cpu_count() or 1
-    init_args = (builder.template.static_files, str(services.settings.certs_path),
-                 identity_row.certificate_file, identity_row.key_file,
-                 identity_password(identity_row), str(out_dir))
-    written = changed = 0
+    recorder = _VersionRecorder(session)
+    written = 0
     errors: list[str] = []
-    in_flight: set[Future[int]] = set()
-    max_in_flight = workers * 4
+    in_flight: set[Future[list[_Result]]] = set()
 
-    def drain(limit: int) -> None:
+    def collect(limit: int) -> None:
         nonlocal written
         while len(in_flight) > limit:
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
                 in_flight.discard(future)
-                count = future.result()
-                written += count
+                results = future.result()
+                batch_errors = recorder.record(results)
+                errors.extend(batch_errors)
+                written += len(results) - len(batch_errors)
                 if progress:
-                    progress(count)
+                    progress(len(results))
 
     # spawn, not fork: a forked copy of a threaded server or open DB pool is unsafe.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                             initargs=init_args, mp_context=context) as pool:
-        for page in _pages(session, program):
-            batch: list[tuple[str, bytes]] = []
+                             initargs=(config,), mp_context=context) as pool:
+        program_id = program.id
+        for page in _pages(session, program_id):
+            batch: list[_Job] = []
             for card in page:
                 try:
-                    rendered = cards.render(card, services, builder)
-                except ValueError as exc:  # template/data problems name the field
+                    job = (card.id, card.serial_number, cards.card_input(card, services))
+                except ValueError as exc:
                     errors.append(f"card {card.serial_number}: {exc}")
                     if progress:
                         progress(1)
                     continue
-                changed += rendered.changed
-                batch.append((card.serial_number, rendered.pass_json))
+                recorder.remember(card)
+                batch.append(job)
                 if len(batch) >= BATCH_SIZE:
-                    drain(max_in_flight - 1)
-                    in_flight.add(pool.submit(_sign_batch, batch))
+                    collect(workers * 4 - 1)
+                    in_flight.add(pool.submit(_build_batch, batch))
                     batch = []
             if batch:
-                drain(max_in_flight - 1)
-                in_flight.add(pool.submit(_sign_batch, batch))
-            session.commit()  # record versions page by page
-            session.expunge_all()
-        drain(0)
-    return BuildReport(written, changed, errors)
+                collect(workers * 4 - 1)
+                in_flight.add(pool.submit(_build_batch, batch))
+            session.expunge_all()  # keep memory flat: the page's objects are done with
+            session.commit()
+        collect(0)
+        session.commit()
+    return BuildReport(written, recorder.changed, errors)

@@ -17,6 +17,7 @@ expression placed inside quotes is caught as a template error.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import re
@@ -168,7 +169,9 @@ class PassTemplate:
         return raw if isinstance(raw, str) else str(raw)
 
 
+@functools.lru_cache(maxsize=256)
 def parse_locale(tag: str | None) -> Locale:
+    """Babel locale for a customer's tag; English when unknown. Cached: parsing is slow."""
     if tag:
         try:
             return Locale.parse(tag.replace("-", "_"))
