@@ -11,9 +11,10 @@ from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import select
 from tqdm import tqdm
 
-from app import bulk, certs, demo as demo_data, migrate
+from app import bulk, certs, demo as demo_data, migrate, tenants
 from app.customers import ImportFileError, import_csv
 from app.models import AppleIdentity, Program, Tenant
+from app.passes.template import TemplateError
 from app.services import Services, identity_password
 
 
@@ -115,6 +116,78 @@ def certs_check() -> None:
     if errors:
         sys.exit(1)
     click.echo("certificates OK")
+
+
+@certs_group.command("register")
+@click.option("--tenant", "tenant_slug", required=True)
+@click.option("--certificate", required=True, help="PEM or .p12 file, relative to certs_path.")
+@click.option("--key", default=None, help="PEM private key (not needed for a .p12).")
+@click.option("--password-env", default=None,
+              help="NAME of the environment variable holding the key/.p12 password.")
+@click.option("--pass-type-identifier", default=None, help="Expected pass type (checked).")
+@with_appcontext
+def certs_register(tenant_slug: str, certificate: str, key: str | None, password_env: str | None,
+                   pass_type_identifier: str | None) -> None:
+    """Register a Pass Type ID certificate for a tenant (checked first)."""
+    _ensure_migrated()
+    svc = services()
+    try:
+        with svc.db.transaction() as session:
+            row = tenants.register_identity(
+                session, svc, _tenant(session, tenant_slug), certificate_file=certificate,
+                key_file=key, password_env=password_env, pass_type_identifier=pass_type_identifier)
+            click.echo(f"registered {row.pass_type_identifier} (team {row.team_identifier})")
+    except (tenants.SetupError, certs.CertificateError) as exc:
+        fail(str(exc))
+
+
+# -- tenants and programs ------------------------------------------------------------
+
+@main.group("tenants")
+def tenants_group() -> None:
+    """Brands."""
+
+
+@tenants_group.command("create")
+@click.argument("slug")
+@click.option("--name", required=True)
+@with_appcontext
+def tenants_create(slug: str, name: str) -> None:
+    """Create a tenant."""
+    _ensure_migrated()
+    try:
+        with services().db.transaction() as session:
+            tenant = tenants.create_tenant(session, slug, name)
+            click.echo(f"tenant {tenant.slug!r} created")
+    except tenants.SetupError as exc:
+        fail(str(exc))
+
+
+@main.group("programs")
+def programs_group() -> None:
+    """Card programs."""
+
+
+@programs_group.command("create")
+@click.argument("slug")
+@click.option("--tenant", "tenant_slug", required=True)
+@click.option("--name", required=True)
+@click.option("--template", required=True, help="A folder name under pass_templates/.")
+@click.option("--pass-type-identifier", required=True)
+@with_appcontext
+def programs_create(slug: str, tenant_slug: str, name: str, template: str,
+                    pass_type_identifier: str) -> None:
+    """Create a program (a card) for a tenant."""
+    _ensure_migrated()
+    svc = services()
+    try:
+        with svc.db.transaction() as session:
+            program = tenants.create_program(
+                session, svc, _tenant(session, tenant_slug), slug=slug, name=name,
+                template=template, pass_type_identifier=pass_type_identifier)
+            click.echo(f"program {program.slug!r} created with template {program.template!r}")
+    except (tenants.SetupError, TemplateError) as exc:
+        fail(str(exc))
 
 
 # -- demo and serving ----------------------------------------------------------------

@@ -156,3 +156,42 @@ def test_healthz_and_commands_refuse_unmigrated_database(tmp_path) -> None:  # t
     result = app.test_cli_runner().invoke(main, ["demo"])
     assert result.exit_code == 1 and "passerelle db upgrade" in result.output
     app.extensions["passerelle"].db.dispose()
+
+
+def test_setting_up_a_brand_from_the_shell(runner, services, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from app import certs as certs_module
+
+    paths = certs_module.make_dev_certs(services.settings.certs_path, "pass.com.brand.card",
+                                        "BRANDTEAM1")
+    assert invoke(runner, "tenants", "create", "brand", "--name", "Brand").exit_code == 0
+    dup = invoke(runner, "tenants", "create", "brand", "--name", "Brand")
+    assert dup.exit_code == 1 and "already exists" in dup.output
+    assert "not a valid slug" in invoke(runner, "tenants", "create", "Bad Slug", "--name", "x").output
+    early = invoke(runner, "programs", "create", "card", "--tenant", "brand", "--name", "Card",
+                   "--template", "loyalty", "--pass-type-identifier", "pass.com.brand.card")
+    assert early.exit_code == 1 and "certs register" in early.output
+    wrong = invoke(runner, "certs", "register", "--tenant", "brand", "--certificate",
+                   paths.certificate_file, "--key", paths.key_file,
+                   "--pass-type-identifier", "pass.com.other")
+    assert wrong.exit_code == 1 and "not 'pass.com.other'" in wrong.output
+    ok = invoke(runner, "certs", "register", "--tenant", "brand", "--certificate",
+                paths.certificate_file, "--key", paths.key_file)
+    assert ok.exit_code == 0 and "pass.com.brand.card (team BRANDTEAM1)" in ok.output
+    bad_template = invoke(runner, "programs", "create", "card", "--tenant", "brand", "--name", "C",
+                          "--template", "nope", "--pass-type-identifier", "pass.com.brand.card")
+    assert bad_template.exit_code == 1 and "no pass template named 'nope'" in bad_template.output
+    created = invoke(runner, "programs", "create", "card", "--tenant", "brand", "--name", "Card",
+                     "--template", "membership", "--pass-type-identifier", "pass.com.brand.card")
+    assert created.exit_code == 0, created.output
+    csv_file = tmp_path / "c.csv"
+    csv_file.write_text("external_id,first_name,last_name\nB-1,Ann,Lee\n")
+    assert invoke(runner, "customers", "import", str(csv_file), "--tenant", "brand").exit_code == 0
+    out = tmp_path / "out"
+    built = invoke(runner, "cards", "build", "--program", "card", "--tenant", "brand",
+                   "--out", str(out), "--issue-missing", "--workers", "1")
+    assert built.exit_code == 0, built.output
+    [card_file] = out.glob("*.pkpass")
+    pass_json = verify_pkpass(card_file.read_bytes(), paths.root_ca, tmp_path / "v")
+    assert pass_json["passTypeIdentifier"] == "pass.com.brand.card"
+    assert pass_json["teamIdentifier"] == "BRANDTEAM1"
+    assert invoke(runner, "certs", "check").exit_code == 0
