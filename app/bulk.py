@@ -96,18 +96,22 @@ def count_cards(session: Session, program: Program) -> int:
     return session.scalar(select(func.count(Card.id)).where(Card.program_id == program.id)) or 0
 
 
-def issue_missing_cards(session: Session, program: Program) -> int:
-    """Give every customer of the tenant a card in this program."""
-    missing = select(Customer).where(
-        Customer.tenant_id == program.tenant_id,
-        ~select(Card.id).where(Card.program_id == program.id,
-                               Card.customer_id == Customer.id).exists())
+def issue_missing_cards(session: Session, program: Program, chunk: int = 1000) -> int:
+    """Give every customer of the tenant a card in this program, a chunk at a time."""
     created = 0
-    for customer in session.scalars(missing).all():
-        session.add(Card(tenant_id=program.tenant_id, program=program, customer=customer))
-        created += 1
-    session.commit()
-    return created
+    while True:
+        missing = session.scalars(
+            select(Customer.id).where(
+                Customer.tenant_id == program.tenant_id,
+                ~select(Card.id).where(Card.program_id == program.id,
+                                       Card.customer_id == Customer.id).exists())
+            .order_by(Customer.id).limit(chunk)).all()
+        if not missing:
+            return created
+        session.add_all(Card(tenant_id=program.tenant_id, program_id=program.id,
+                             customer_id=customer_id) for customer_id in missing)
+        session.commit()
+        created += len(missing)
 
 
 def _pages(session: Session, program_id: int) -> Iterator[list[Card]]:

@@ -120,51 +120,81 @@ def throughput(kind: str, certs_dir: str, count: int, processes: int, repeat: in
     return statistics.median(rates)
 
 
-def end_to_end(db_cards: int, workers: int) -> tuple[float, float, float]:
-    """(cards/s, main-process peak RSS MiB, largest worker peak RSS MiB) over SQLite."""
-    from sqlalchemy import select
-
+def seed_database(instance: Path, customers: int) -> None:
+    """A demo tenant plus `customers` customers with cards, in a SQLite database."""
     from app import bulk, demo, migrate
     from app.config import Settings
-    from app.models import Card, Customer, Program
+    from app.models import Customer, Program
     from app.services import Services
 
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings.from_env(environ={}, instance_path=Path(tmp), strict_certs=False)
-        migrate.upgrade(settings.database_url)
-        services = Services(settings)
-        with services.db.transaction() as session:
-            seeded = demo.seed(session, services)
-            tenant_id = seeded.tenant.id
-            program_id = next(p.id for p in seeded.programs if p.slug == "rewards")
+    settings = Settings.from_env(environ={}, instance_path=instance, strict_certs=False)
+    migrate.upgrade(settings.database_url)
+    services = Services(settings)
+    with services.db.transaction() as session:
+        seeded = demo.seed(session, services)
+        tenant_id = seeded.tenant.id
+        program_id = next(p.id for p in seeded.programs if p.slug == "rewards")
+    for start in range(0, customers, 5000):
         with services.db.transaction(tenant_id) as session:
             session.add_all(Customer(external_id=f"B{i:07d}", first_name="Bench",
                                      last_name=NAMES[i % 5], locale="de-DE",
                                      attributes={"points": i, "tier": "Silver"})
-                            for i in range(db_cards))
-        with services.db.tenant_session(tenant_id) as session:
-            program = session.get(Program, program_id)
-            bulk.issue_missing_cards(session, program)
-            total = session.query(Card).filter(Card.program_id == program_id).count()
-            start = time.perf_counter()
-            report = bulk.build_program(session, services, program, Path(tmp) / "out", workers)
-            elapsed = time.perf_counter() - start
-            assert report.written == total and not report.errors, report.errors[:3]
-            del select
-        services.db.dispose()
-    main_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return total / elapsed, main_rss, child_rss
+                            for i in range(start, min(start + 5000, customers)))
+    with services.db.tenant_session(tenant_id) as session:
+        bulk.issue_missing_cards(session, session.get(Program, program_id))
+    services.db.dispose()
+
+
+def build_only(instance: Path, workers: int) -> None:
+    """Run in its own process so its peak memory is the build's alone; prints JSON."""
+    from sqlalchemy import select
+
+    from app import bulk
+    from app.config import Settings
+    from app.models import Program
+    from app.services import Services
+
+    settings = Settings.from_env(environ={}, instance_path=instance, strict_certs=False)
+    services = Services(settings)
+    with services.db.session() as session:
+        program = session.scalar(select(Program).where(Program.slug == "rewards"))
+        tenant_id = program.tenant_id
+    with services.db.tenant_session(tenant_id) as session:
+        program = session.scalar(select(Program).where(Program.slug == "rewards"))
+        start = time.perf_counter()
+        report = bulk.build_program(session, services, program, instance / "out", workers)
+        elapsed = time.perf_counter() - start
+    assert not report.errors, report.errors[:3]
+    print(json.dumps({
+        "cards": report.written, "seconds": elapsed,
+        "main_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
+def end_to_end(db_cards: int, workers: int) -> dict[str, float]:
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        seed_database(Path(tmp), db_cards)
+        out = subprocess.run([sys.executable, __file__, "--build-only", tmp,
+                              "--workers", str(workers)],
+                             check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cards", type=int, default=2000, help="cards per process per run")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--db-cards", type=int, default=5000,
-                        help="customers for the end-to-end run (0 to skip)")
+    parser.add_argument("--db-cards", type=int, nargs="*", default=[5000, 20000],
+                        help="database sizes for the end-to-end runs (none to skip)")
+    parser.add_argument("--build-only", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
+    if args.build_only:
+        build_only(Path(args.build_only), args.workers or cores)
+        return
     with tempfile.TemporaryDirectory() as certs_dir:
         Fixture(Path(certs_dir))  # make certificates once, before the timed runs
         rows = {}
@@ -180,10 +210,11 @@ def main() -> None:
     print(f"{'full path (render+images+sign+zip)':<34}{full1:>10.0f}/s{fullN:>12.0f}/s"
           f"{fullN / full1:>8.2f}x")
     print(f"full / baseline: {full1 / base1:.0%} on one core, {fullN / baseN:.0%} on {cores} cores")
-    if args.db_cards:
-        rate, main_rss, child_rss = end_to_end(args.db_cards, cores)
-        print(f"end to end (SQLite, {args.db_cards} customers, `cards build` on {cores} workers): "
-              f"{rate:.0f} cards/s; peak RSS main {main_rss:.0f} MiB, worker {child_rss:.0f} MiB")
+    for size in args.db_cards:
+        run = end_to_end(size, cores)
+        print(f"end to end, SQLite, {run['cards']:>6.0f} cards, {cores} workers: "
+              f"{run['cards'] / run['seconds']:>5.0f} cards/s (incl. worker start-up); "
+              f"peak RSS main {run['main_rss_mib']:.0f} MiB, worker {run['worker_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":
