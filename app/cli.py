@@ -39,6 +39,14 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+def exit_on_item_errors(lines: list[str]) -> None:
+    """Print one line per rejected row or card; exit 2 (partial success) if any."""
+    for line in lines:
+        click.secho(line, fg="red", err=True)
+    if lines:
+        sys.exit(2)
+
+
 # -- database ------------------------------------------------------------------------
 
 @main.group()
@@ -289,10 +297,7 @@ def customers_import(file: Path, tenant_slug: str) -> None:
             fail(str(exc))
     click.echo(f"{report.created} created, {report.updated} updated, "
                f"{report.unchanged} unchanged, {len(report.errors)} rejected")
-    for error in report.errors:
-        click.secho(f"{file}: {error}", fg="red", err=True)
-    if report.errors:
-        sys.exit(2)
+    exit_on_item_errors([f"{file}: {error}" for error in report.errors])
 
 
 def _count_lines(path: Path) -> int:
@@ -343,7 +348,4 @@ def cards_build(program_slug: str, tenant_slug: str | None, out_dir: Path, worke
             fail(str(exc))
     click.echo(f"{report.written} cards written to {out_dir} "
                f"({report.changed} with new content)")
-    for error in report.errors:
-        click.secho(f"error: {error}", fg="red", err=True)
-    if report.errors:
-        sys.exit(2)
+    exit_on_item_errors([f"error: {error}" for error in report.errors])
