@@ -344,8 +344,8 @@ def cards_build(program_slug: str, tenant_slug: str | None, out_dir: Path, worke
         try:
             with tqdm(total=total, unit="card", desc="build", disable=None) as bar:
                 report = bulk.build_program(session, svc, program, out_dir, workers, bar.update)
-        except (certs.CertificateError, LookupError) as exc:
-            fail(str(exc))
+        except (certs.CertificateError, LookupError, ValueError) as exc:
+            fail(str(exc))  # certificates, template and image errors name their file
     click.echo(f"{report.written} cards written to {out_dir} "
                f"({report.changed} with new content)")
     exit_on_item_errors([f"error: {error}" for error in report.errors])

@@ -195,3 +195,18 @@ def test_setting_up_a_brand_from_the_shell(runner, services, tmp_path) -> None: 
     assert pass_json["passTypeIdentifier"] == "pass.com.brand.card"
     assert pass_json["teamIdentifier"] == "BRANDTEAM1"
     assert invoke(runner, "certs", "check").exit_code == 0
+
+
+def test_cards_build_with_a_corrupt_template_image_names_the_file(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from app.passes.images import ImageCache
+    from app.passes.template import TemplateLibrary
+
+    templates = tmp_path / "templates"
+    shutil.copytree(services.settings.templates_path / "loyalty", templates / "loyalty")
+    (templates / "loyalty" / "images" / "strip.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    services.templates = TemplateLibrary(templates, ImageCache())
+    result = invoke(runner, "cards", "build", "--program", "rewards", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 1
+    assert "strip.png" in result.output and "Traceback" not in result.output
