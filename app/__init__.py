@@ -19,7 +19,10 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     services = Services(settings)
     app.extensions["passerelle"] = services
 
+    from app.cli import register_commands
     from app.web import demo, errors, health
+
+    register_commands(app)
 
     errors.register(app)
     app.register_blueprint(health.bp)

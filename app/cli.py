@@ -29,6 +29,12 @@ def main() -> None:
     """Passerelle: signed wallet cards from your CRM."""
 
 
+def register_commands(app) -> None:  # type: ignore[no-untyped-def]
+    """Make the same commands available as `flask --app app <command>`."""
+    for name, command in main.commands.items():
+        app.cli.add_command(command, name)
+
+
 def services() -> Services:
     svc: Services = current_app.extensions["passerelle"]
     return svc

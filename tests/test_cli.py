@@ -210,3 +210,9 @@ def test_cards_build_with_a_corrupt_template_image_names_the_file(runner, servic
     result = invoke(runner, "cards", "build", "--program", "rewards", "--out", str(tmp_path / "o"))
     assert result.exit_code == 1
     assert "strip.png" in result.output and "Traceback" not in result.output
+
+
+def test_flask_cli_has_the_same_commands(app) -> None:  # type: ignore[no-untyped-def]
+    result = app.test_cli_runner().invoke(args=["demo"])
+    assert result.exit_code == 0, result.output
+    assert set(main.commands) <= set(app.cli.commands)
