@@ -20,13 +20,14 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.extensions["passerelle"] = services
 
     from app.cli import register_commands
-    from app.web import demo, errors, health
+    from app.web import demo, errors, health, passkit
 
     register_commands(app)
 
     errors.register(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(demo.bp)
+    app.register_blueprint(passkit.bp)
     return app
 
 

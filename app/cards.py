@@ -6,6 +6,8 @@ The rule that keeps installed cards stable: a card's ``version`` and
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -13,7 +15,9 @@ from sqlalchemy.orm import Session
 
 from app.models import AppleIdentity, Card, Customer, Program, Tenant, utcnow
 from app.passes.builder import CardInput, PassBuilder
-from app.services import Services
+
+if TYPE_CHECKING:
+    from app.services import Services
 
 
 class CardError(LookupError):

@@ -51,6 +51,12 @@ class Settings:
     cert_warn_days: int = 30
     #: Refuse to start when certificates fail their checks (false only for tests).
     strict_certs: bool = True
+    #: APNs base URL. Wallet pushes only work in production; change it only for stand-ins.
+    apns_url: str = "https://api.push.apple.com"
+    #: Extra CA file to trust for APNs (a staging or test stand-in); empty = system trust.
+    apns_ca_file: str = ""
+    #: Redis URL for the job queue; empty = the embedded SQLite queue in the instance folder.
+    redis_url: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "Settings":

@@ -11,7 +11,7 @@ goes through such a session can read another tenant's rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import create_engine, event
@@ -21,6 +21,8 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_c
 from app.models import TenantOwned
 
 TENANT_KEY = "tenant_id"
+#: Session.info key: callable receiving ids of push jobs once their transaction commits.
+PUSH_DISPATCH_KEY = "passerelle.dispatch_push_jobs"
 
 
 class Database:
@@ -28,14 +30,18 @@ class Database:
         self.url = url
         self.engine: Engine = _make_engine(url, echo=echo)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Set by Services to the job queue, so committed push jobs get queued at once.
+        self.dispatch_push_jobs: Callable[[list[int]], None] | None = None
 
     def session(self) -> Session:
         """An unscoped session: for system tasks (migrations, demo seeding, admin)."""
-        return self._sessions()
+        session = self._sessions()
+        session.info[PUSH_DISPATCH_KEY] = self.dispatch_push_jobs
+        return session
 
     def tenant_session(self, tenant_id: int) -> Session:
         """A session that can only ever see rows of one tenant."""
-        session = self._sessions()
+        session = self.session()
         session.info[TENANT_KEY] = tenant_id
         return session
 

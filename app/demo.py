@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -11,7 +13,9 @@ from app import certs
 from app.cards import ensure_card
 from app.customers import apply_changes, record_consent
 from app.models import AppleIdentity, Customer, Program, Tenant
-from app.services import Services
+
+if TYPE_CHECKING:
+    from app.services import Services
 
 DEMO_TENANT = "demo"
 DEMO_PASS_TYPE = "pass.dev.passerelle.demo"

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Date,
     DateTime,
@@ -240,9 +241,110 @@ class Card(TenantOwned, Base):
     voided: Mapped[bool] = mapped_column(Boolean, default=False)
     expires_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Position in the global update order (see app/updates.py): what Apple's
+    # passesUpdatedSince compares against. 0 = never changed since issue.
+    update_tag: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0", index=True)
 
     program: Mapped[Program] = relationship()
     customer: Mapped[Customer] = relationship(back_populates="cards")
+    registrations: Mapped[list[Registration]] = relationship(
+        back_populates="card", cascade="all, delete-orphan")
 
     def __repr__(self) -> str:
         return f"<Card {self.serial_number}>"
+
+
+class Counter(Base):
+    """Named monotonic counters, incremented under a row lock inside transactions."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Registration(TenantOwned, Base):
+    """An Apple device that installed a card and wants its updates."""
+
+    __tablename__ = "registrations"
+    __table_args__ = (
+        UniqueConstraint("device_library_identifier", "card_id"),
+        Index("ix_registrations_device_pass_type", "device_library_identifier",
+              "pass_type_identifier"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"), index=True)
+    device_library_identifier: Mapped[str] = mapped_column(String(128))
+    pass_type_identifier: Mapped[str] = mapped_column(String(255))
+    push_token: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Set when APNs rejects the token (BadDeviceToken...): pushes stop, operators see why.
+    push_problem: Mapped[str | None] = mapped_column(String(64))
+
+    card: Mapped[Card] = relationship(back_populates="registrations")
+
+
+class InstallEvent(TenantOwned, Base):
+    """Append-only log of installs and removals, per card, device and platform."""
+
+    __tablename__ = "install_events"
+    __table_args__ = (Index("ix_install_events_card_time", "card_id", "occurred_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"))
+    platform: Mapped[str] = mapped_column(String(16))  # apple | google
+    kind: Mapped[str] = mapped_column(String(32))  # registered | unregistered | push_gone
+    device: Mapped[str | None] = mapped_column(String(128))
+    occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class PushJob(TenantOwned, Base):
+    """Outbox row: this card changed and its devices must be told. Survives crashes;
+    a sweeper re-queues rows whose worker died (at-least-once delivery)."""
+
+    __tablename__ = "push_jobs"
+    __table_args__ = (Index("ix_push_jobs_pending", "done_at", "claimed_until"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"), index=True)
+    update_tag: Mapped[int] = mapped_column(BigInteger)
+    # None = every registered device; else only these registration ids (a retry).
+    registration_ids: Mapped[list[int] | None] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    claimed_until: Mapped[dt.datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime | None]
+    done_at: Mapped[dt.datetime | None]
+
+
+class PushAttempt(TenantOwned, Base):
+    """The outcome of one push to one device, for the card's diagnostic timeline."""
+
+    __tablename__ = "push_attempts"
+    __table_args__ = (Index("ix_push_attempts_card_time", "card_id", "attempted_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"))
+    device: Mapped[str] = mapped_column(String(128))
+    status: Mapped[int | None]
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(200))
+    apns_id: Mapped[str | None] = mapped_column(String(64))
+    attempted_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class DeviceLog(Base):
+    """A message Wallet posted to /v1/log. Unauthenticated, so linked to a card only
+    when the message names a serial number we know."""
+
+    __tablename__ = "device_logs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    card_id: Mapped[int | None] = mapped_column(
+        ForeignKey("cards.id", ondelete="SET NULL"), index=True)
+    message: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app import certs
 from app.config import Settings
 from app.db import Database
+from app.jobs import JobQueue
 from app.models import AppleIdentity, Program
 from app.passes.builder import PassBuilder
 from app.passes.images import ImageCache
 from app.passes.template import TemplateLibrary
+
+if TYPE_CHECKING:
+    from app.apns import ApnsPool
 
 
 class Services:
@@ -27,6 +32,24 @@ class Services:
         )
         self._identities: dict[tuple[str, float], certs.SigningIdentity] = {}
         self._builders: dict[tuple[str, str, float], PassBuilder] = {}
+        self._apns: ApnsPool | None = None
+        self.jobs = JobQueue(settings, lambda: self)
+        self.db.dispatch_push_jobs = self.jobs.dispatch
+
+    @property
+    def apns(self) -> "ApnsPool":
+        """APNs connections, one per pass type, opened on first use and kept."""
+        if self._apns is None:
+            from app.apns import ApnsPool  # the HTTP/2 stack loads only where pushes run
+
+            ca_file = Path(self.settings.apns_ca_file) if self.settings.apns_ca_file else None
+            self._apns = ApnsPool(self.settings.apns_url, ca_file=ca_file)
+        return self._apns
+
+    def close(self) -> None:
+        if self._apns is not None:
+            self._apns.close()
+        self.db.dispose()
 
     @property
     def web_service_url(self) -> str:

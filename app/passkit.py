@@ -1,0 +1,187 @@
+"""Apple's PassKit web service, as domain operations (the HTTP shell is app/web/passkit.py).
+
+Requests come from devices, not from a tenant, so lookups are keyed by Apple's
+identifiers (pass type + serial, device library id) and never by a tenant
+chosen by the caller. The authentication token is compared in constant time,
+and an unknown serial costs the same comparison as a wrong token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import cards, updates
+from app.models import Card, DeviceLog, InstallEvent, Program, Registration
+
+if TYPE_CHECKING:
+    from app.services import Services
+
+DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+PASS_TYPE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+SERIAL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+PUSH_TOKEN = re.compile(r"^[A-Za-z0-9]{1,200}$")
+TAG = re.compile(r"^[0-9]{1,19}$")
+MAX_LOG_MESSAGES = 100
+MAX_LOG_LENGTH = 4000
+_DUMMY_TOKEN = "x" * 43
+_SERIAL_IN_TEXT = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
+class BadRequest(ValueError):
+    """Malformed input from a device: answered with 400 and this message."""
+
+
+class NotAuthorized(Exception):
+    """Unknown pass or wrong token: answered with 401, the two indistinguishable."""
+
+
+def check_identifiers(device: str | None = None, pass_type: str | None = None,
+                      serial: str | None = None) -> None:
+    for value, pattern, name in ((device, DEVICE_ID, "device library identifier"),
+                                 (pass_type, PASS_TYPE, "pass type identifier"),
+                                 (serial, SERIAL, "serial number")):
+        if value is not None and not pattern.match(value):
+            raise BadRequest(f"malformed {name}")
+
+
+def parse_authorization(header: str | None) -> str | None:
+    if not header or not header.startswith("ApplePass "):
+        return None
+    return header[len("ApplePass "):].strip()
+
+
+def authenticate(session: Session, pass_type: str, serial: str, header: str | None) -> Card:
+    token = parse_authorization(header)
+    card = session.scalar(
+        select(Card).join(Program).where(Card.serial_number == serial,
+                                         Program.pass_type_identifier == pass_type))
+    expected = card.authentication_token if card is not None else _DUMMY_TOKEN
+    matches = hmac.compare_digest(expected.encode(), (token or "").encode())
+    if card is None or token is None or not matches:
+        raise NotAuthorized()
+    return card
+
+
+def parse_push_token(body: object) -> str:
+    if not isinstance(body, dict) or not isinstance(body.get("pushToken"), str):
+        raise BadRequest('body must be JSON like {"pushToken": "<hex>"}')
+    token = body["pushToken"]
+    if not PUSH_TOKEN.match(token):
+        raise BadRequest("malformed pushToken")
+    return token
+
+
+def register(session: Session, card: Card, device: str, push_token: str) -> bool:
+    """Upsert the registration; True when it is new (201), False when known (200)."""
+    existing = session.scalar(select(Registration).where(
+        Registration.card_id == card.id, Registration.device_library_identifier == device))
+    if existing is not None:
+        # Push tokens change: always keep the latest, and give flagged tokens a new chance.
+        existing.push_token = push_token
+        existing.push_problem = None
+        session.commit()
+        return False
+    try:
+        session.add(Registration(tenant_id=card.tenant_id, card_id=card.id,
+                                 device_library_identifier=device,
+                                 pass_type_identifier=card.program.pass_type_identifier,
+                                 push_token=push_token))
+        session.add(InstallEvent(tenant_id=card.tenant_id, card_id=card.id, platform="apple",
+                                 kind="registered", device=device))
+        session.commit()
+        return True
+    except IntegrityError:  # the same device registered twice at once: the other won
+        session.rollback()
+        return register(session, session.merge(card), device, push_token)
+
+
+def unregister(session: Session, card: Card, device: str) -> None:
+    """Idempotent: 200 whether or not the registration still exists."""
+    existing = session.scalar(select(Registration).where(
+        Registration.card_id == card.id, Registration.device_library_identifier == device))
+    if existing is not None:
+        session.delete(existing)
+        session.add(InstallEvent(tenant_id=card.tenant_id, card_id=card.id, platform="apple",
+                                 kind="unregistered", device=device))
+    session.commit()
+
+
+@dataclass(frozen=True)
+class UpdatedSerials:
+    serial_numbers: list[str]
+    last_updated: str
+
+
+def serials_since(session: Session, device: str, pass_type: str,
+                  since: str | None) -> UpdatedSerials | None:
+    """Serials of this device's passes changed after the tag; None means 204."""
+    if since is not None and since != "" and not TAG.match(since):
+        raise BadRequest("passesUpdatedSince must be a tag this server returned")
+    query = (select(Card.serial_number, Card.update_tag)
+             .join(Registration, Registration.card_id == Card.id)
+             .where(Registration.device_library_identifier == device,
+                    Registration.pass_type_identifier == pass_type))
+    if since:
+        query = query.where(Card.update_tag > int(since))
+    rows = session.execute(query.order_by(Card.update_tag)).all()
+    if not rows:
+        return None
+    return UpdatedSerials([serial for serial, _ in rows], str(max(tag for _, tag in rows)))
+
+
+@dataclass(frozen=True)
+class LatestPass:
+    card: Card
+    render: "cards.RenderedCard"
+    data: bytes | None  # None when the device already has it (304)
+
+
+def latest_pass(session: Session, services: Services, card: Card,
+                if_modified_since: "object | None") -> LatestPass:
+    """Re-render (catching changes made out of band), then sign unless unchanged."""
+    identity = cards.apple_identity(session, card.program)
+    builder = services.pass_builder(card.program, identity)
+    rendered = cards.render(card, services, builder)
+    if rendered.changed:
+        updates.mark_changed(session, [card])
+    session.commit()
+    modified = card.last_modified.replace(microsecond=0)
+    if if_modified_since is not None and modified <= if_modified_since:  # type: ignore[operator]
+        return LatestPass(card, rendered, None)
+    return LatestPass(card, rendered, builder.packager.build(rendered.pass_json, builder.signer))
+
+
+def parse_logs(body: object) -> list[str]:
+    if not isinstance(body, dict):
+        raise BadRequest('body must be JSON like {"logs": ["..."]}')
+    logs = body.get("logs", body.get("description"))  # Apple's 2012 clients sent "description"
+    if isinstance(logs, str):
+        logs = [logs]
+    if not isinstance(logs, list) or not all(isinstance(m, str) for m in logs):
+        raise BadRequest('"logs" must be a list of strings')
+    return [m[:MAX_LOG_LENGTH] for m in logs[:MAX_LOG_MESSAGES]]
+
+
+def store_logs(session: Session, messages: list[str]) -> int:
+    """Keep Wallet's messages; link each to a card when it names one of our serials."""
+    for message in messages:
+        card = None
+        candidates = set(_SERIAL_IN_TEXT.findall(message))
+        if candidates:
+            card = session.scalar(select(Card).where(Card.serial_number.in_(candidates)))
+        session.add(DeviceLog(message=message, card_id=card.id if card else None,
+                              tenant_id=card.tenant_id if card else None))
+    session.commit()
+    return len(messages)
+
+
+def registration_count(session: Session, card: Card) -> int:
+    return session.scalar(select(func.count(Registration.id)).where(
+        Registration.card_id == card.id)) or 0

@@ -1,0 +1,136 @@
+"""Delivering push jobs: tell every registered device of a changed card to fetch it.
+
+A job is claimed with a lease (so two workers never push the same job at once,
+and a job whose worker died is picked up again when the lease ends), pushed
+through APNs, and each device's outcome is recorded:
+
+- 410 Unregistered: the registration is removed and an install event says so;
+- 400 BadDeviceToken / DeviceTokenNotForTopic: the registration is flagged and
+  no longer pushed (usually a certificate or environment mix-up);
+- 429, 5xx, network errors: those devices are retried with exponential backoff
+  for up to 24 hours;
+- 403 and topic errors: recorded for operators (the certificate is at fault).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from app import cards
+from app.models import Card, InstallEvent, PushAttempt, PushJob, Registration, utcnow
+
+if TYPE_CHECKING:
+    from app.services import Services
+
+log = logging.getLogger(__name__)
+
+LEASE = dt.timedelta(minutes=2)
+GIVE_UP_AFTER = dt.timedelta(hours=24)
+FIRST_RETRY = dt.timedelta(seconds=10)
+MAX_RETRY = dt.timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    job_id: int
+    state: str  # "done" | "retry" | "skipped" | "gave_up"
+    retry_in: float | None = None  # seconds, when state == "retry"
+    sent: int = 0
+
+
+def backoff(attempt: int) -> dt.timedelta:
+    return min(FIRST_RETRY * (2 ** max(attempt - 1, 0)), MAX_RETRY)
+
+
+def claim(session: Session, job_id: int, now: dt.datetime) -> bool:
+    """Take the job for one lease; False if done, leased by another worker, or not due."""
+    result = session.execute(
+        update(PushJob)
+        .where(PushJob.id == job_id, PushJob.done_at.is_(None),
+               or_(PushJob.claimed_until.is_(None), PushJob.claimed_until < now),
+               or_(PushJob.not_before.is_(None), PushJob.not_before <= now))
+        .values(claimed_until=now + LEASE, attempts=PushJob.attempts + 1)
+        .execution_options(synchronize_session=False))
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def deliver(services: Services, job_id: int) -> Delivery:
+    now = utcnow()
+    with services.db.session() as session:
+        if not claim(session, job_id, now):
+            return Delivery(job_id, "skipped")
+        job = session.get(PushJob, job_id)
+        assert job is not None
+        card = session.get(Card, job.card_id)
+        query = select(Registration).where(Registration.card_id == job.card_id,
+                                           Registration.push_problem.is_(None))
+        if job.registration_ids is not None:
+            query = query.where(Registration.id.in_(job.registration_ids))
+        registrations = session.scalars(query).all()
+        if card is None or not registrations:
+            job.done_at = now
+            session.commit()
+            return Delivery(job_id, "done")
+        identity_row = cards.apple_identity(session, card.program)
+        client = services.apns.client(identity_row.pass_type_identifier,
+                                      services.signing_identity(identity_row))
+        results = client.push(identity_row.pass_type_identifier,
+                              [r.push_token for r in registrations])
+        retry_ids: list[int] = []
+        sent = 0
+        for registration, result in zip(registrations, results):
+            session.add(PushAttempt(
+                tenant_id=card.tenant_id, card_id=card.id,
+                device=registration.device_library_identifier, status=result.status,
+                outcome=result.outcome, reason=(result.reason or "")[:200] or None,
+                apns_id=result.apns_id))
+            if result.outcome == "sent":
+                sent += 1
+            elif result.outcome == "unregistered":
+                session.add(InstallEvent(tenant_id=card.tenant_id, card_id=card.id,
+                                         platform="apple", kind="push_gone",
+                                         device=registration.device_library_identifier))
+                session.delete(registration)
+            elif result.outcome == "bad_token":
+                registration.push_problem = result.reason or "BadDeviceToken"
+            elif result.outcome == "retry":
+                retry_ids.append(registration.id)
+            elif result.outcome == "credentials":
+                log.error("APNs refused certificate for %s: %s",
+                          identity_row.pass_type_identifier, result.reason)
+        job.claimed_until = None
+        if not retry_ids:
+            job.done_at = now
+            state = Delivery(job_id, "done", sent=sent)
+        elif now - job.created_at > GIVE_UP_AFTER:
+            job.done_at = now
+            state = Delivery(job_id, "gave_up", sent=sent)
+        else:
+            delay = backoff(job.attempts)
+            job.registration_ids = retry_ids
+            job.not_before = now + delay
+            state = Delivery(job_id, "retry", retry_in=delay.total_seconds(), sent=sent)
+        session.commit()
+        return state
+
+
+def due_jobs(services: Services, quiet_for: dt.timedelta = dt.timedelta(seconds=30),
+             limit: int = 1000) -> list[int]:
+    """Jobs that should be running but are not queued anywhere we can see: never
+    delivered after `quiet_for`, leases that ran out, retries that came due."""
+    now = utcnow()
+    with services.db.session() as session:
+        return list(session.scalars(
+            select(PushJob.id).where(
+                PushJob.done_at.is_(None),
+                or_(PushJob.claimed_until.is_(None), PushJob.claimed_until < now),
+                or_(PushJob.not_before.is_(None), PushJob.not_before <= now),
+                PushJob.created_at < now - quiet_for)
+            .order_by(PushJob.id).limit(limit)))

@@ -1,0 +1,101 @@
+"""The update pipeline: customer data changed -> cards re-rendered -> devices told.
+
+Update tags. Apple's ``passesUpdatedSince`` needs a marker that never skips
+a change. Wall-clock seconds do (two changes in one second), and so does a
+plain database sequence (a transaction that took tag 7 may commit after one
+that took tag 8, and a device that read in between never sees 7). Here a tag
+comes from one counter row incremented *inside* the transaction that changes
+the card: the row lock is held until commit, so tags become visible in order.
+Tags are taken as the last step before commit to keep that lock short.
+
+Pushes. Each changed card with registered devices gets a ``PushJob`` row in
+the same transaction (an outbox): if the process dies after commit, the row
+is still there and the sweeper (app/jobs.py) queues it again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from collections.abc import Iterable
+
+from sqlalchemy import event, exists, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import cards
+from app.db import PUSH_DISPATCH_KEY
+from app.models import Card, Counter, Customer, PushJob, Registration
+
+if TYPE_CHECKING:
+    from app.services import Services
+
+UPDATE_TAG = "card_update_tag"
+_NEW_JOBS = "passerelle.new_push_jobs"
+
+
+def reserve_update_tags(session: Session, count: int = 1) -> range:
+    """Take `count` consecutive tags; the counter row stays locked until commit."""
+    for _ in range(2):
+        value = session.execute(
+            update(Counter).where(Counter.name == UPDATE_TAG)
+            .values(value=Counter.value + count).returning(Counter.value)
+        ).scalar()
+        if value is not None:
+            return range(value - count + 1, value + 1)
+        try:
+            with session.begin_nested():
+                session.add(Counter(name=UPDATE_TAG, value=0))
+        except IntegrityError:
+            pass  # another transaction created it first: increment that one
+    raise RuntimeError("could not create the update-tag counter")
+
+
+def has_active_registrations(session: Session, card_id: int) -> bool:
+    return bool(session.scalar(select(exists().where(
+        Registration.card_id == card_id, Registration.push_problem.is_(None)))))
+
+
+def mark_changed(session: Session, changed: list[Card]) -> None:
+    """Give changed cards new tags, and queue pushes for those with devices."""
+    if not changed:
+        return
+    tags = reserve_update_tags(session, len(changed))
+    for card, tag in zip(changed, tags):
+        card.update_tag = tag
+        if has_active_registrations(session, card.id):
+            job = PushJob(tenant_id=card.tenant_id, card_id=card.id, update_tag=tag)
+            session.add(job)
+            session.flush()
+            session.info.setdefault(_NEW_JOBS, []).append(job.id)
+
+
+def refresh_cards(session: Session, services: Services, targets: Iterable[Card]) -> list[Card]:
+    """Re-render cards; those whose content changed get a new version, tag and push."""
+    changed = []
+    for card in targets:
+        builder = services.pass_builder(card.program, cards.apple_identity(session, card.program))
+        if cards.render(card, services, builder).changed:
+            changed.append(card)
+    mark_changed(session, changed)
+    return changed
+
+
+def customers_changed(session: Session, services: Services,
+                      customers: Iterable[Customer]) -> list[Card]:
+    """Call after changing customer data by any path (import, API, webhook, form)."""
+    targets = [card for customer in customers for card in customer.cards]
+    return refresh_cards(session, services, targets)
+
+
+@event.listens_for(Session, "after_commit")
+def _dispatch_committed_jobs(session: Session) -> None:
+    job_ids = session.info.pop(_NEW_JOBS, None)
+    dispatch = session.info.get(PUSH_DISPATCH_KEY)
+    if job_ids and dispatch is not None:
+        dispatch(job_ids)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back_jobs(session: Session) -> None:
+    session.info.pop(_NEW_JOBS, None)

@@ -1,0 +1,104 @@
+"""Apple's PassKit web service endpoints under ``<public_url>/passkit/v1``.
+
+Status codes follow Apple's reference: register 201/200/401, serials 200/204,
+unregister 200/401, latest pass 200/304/401 with Last-Modified, log 200.
+Malformed input is a 4xx with a problem body, never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, jsonify, request
+
+from app import passkit
+from app.web import services
+from app.web.errors import problem
+
+bp = Blueprint("passkit", __name__, url_prefix="/passkit/v1")
+
+PKPASS_MIMETYPE = "application/vnd.apple.pkpass"
+MAX_BODY = 64 * 1024
+
+
+def _json_body() -> object:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise passkit.BadRequest("body too large")
+    raw = request.get_data(cache=False)
+    if len(raw) > MAX_BODY:
+        raise passkit.BadRequest("body too large")
+    try:
+        return json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise passkit.BadRequest("body is not JSON") from None
+
+
+@bp.errorhandler(passkit.BadRequest)
+def _bad_request(exc: passkit.BadRequest) -> Response:
+    return problem(400, "Bad Request", str(exc))
+
+
+@bp.errorhandler(passkit.NotAuthorized)
+def _not_authorized(_exc: passkit.NotAuthorized) -> Response:
+    return problem(401, "Unauthorized", "unknown pass or wrong authentication token")
+
+
+@bp.post("/devices/<device>/registrations/<pass_type>/<serial>")
+def register(device: str, pass_type: str, serial: str):  # type: ignore[no-untyped-def]
+    passkit.check_identifiers(device, pass_type, serial)
+    with services().db.session() as session:
+        card = passkit.authenticate(session, pass_type, serial,
+                                    request.headers.get("Authorization"))
+        push_token = passkit.parse_push_token(_json_body())
+        created = passkit.register(session, card, device, push_token)
+    return Response(status=201 if created else 200)
+
+
+@bp.delete("/devices/<device>/registrations/<pass_type>/<serial>")
+def unregister(device: str, pass_type: str, serial: str):  # type: ignore[no-untyped-def]
+    passkit.check_identifiers(device, pass_type, serial)
+    with services().db.session() as session:
+        card = passkit.authenticate(session, pass_type, serial,
+                                    request.headers.get("Authorization"))
+        passkit.unregister(session, card, device)
+    return Response(status=200)
+
+
+@bp.get("/devices/<device>/registrations/<pass_type>")
+def serials(device: str, pass_type: str):  # type: ignore[no-untyped-def]
+    passkit.check_identifiers(device, pass_type)
+    with services().db.session() as session:
+        updated = passkit.serials_since(session, device, pass_type,
+                                        request.args.get("passesUpdatedSince"))
+    if updated is None:
+        response = Response(status=204)
+    else:
+        response = jsonify(serialNumbers=updated.serial_numbers, lastUpdated=updated.last_updated)
+    response.headers["Cache-Control"] = "no-store"  # a cached answer would hide updates
+    return response
+
+
+@bp.route("/passes/<pass_type>/<serial>", methods=["GET", "HEAD"])
+def latest_pass(pass_type: str, serial: str):  # type: ignore[no-untyped-def]
+    passkit.check_identifiers(pass_type=pass_type, serial=serial)
+    svc = services()
+    with svc.db.session() as session:
+        card = passkit.authenticate(session, pass_type, serial,
+                                    request.headers.get("Authorization"))
+        latest = passkit.latest_pass(session, svc, card, request.if_modified_since)
+        last_modified = latest.card.last_modified
+    if latest.data is None:
+        response = Response(status=304)
+    else:
+        response = Response(latest.data, mimetype=PKPASS_MIMETYPE)
+    response.last_modified = last_modified
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+@bp.post("/log")
+def log():  # type: ignore[no-untyped-def]
+    messages = passkit.parse_logs(_json_body())
+    with services().db.session() as session:
+        passkit.store_logs(session, messages)
+    return Response(status=200)

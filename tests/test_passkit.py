@@ -1,0 +1,182 @@
+"""Apple's PassKit web service, endpoint by endpoint, as a device calls it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import zipfile
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from app import updates
+from app.models import Card, Customer, DeviceLog, InstallEvent, Program, PushJob, Registration
+
+PASS_TYPE = "pass.dev.passerelle.demo"
+DEVICE = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
+TOKEN_HEX = "ab" * 32
+
+
+@pytest.fixture()
+def card(services, demo):  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        card = session.scalar(select(Card).join(Program).join(Customer).where(
+            Program.slug == "rewards", Customer.external_id == "C-1001"))
+        return {"serial": card.serial_number, "token": card.authentication_token, "id": card.id}
+
+
+def auth(card) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {"Authorization": f"ApplePass {card['token']}"}
+
+
+def reg_url(card, device: str = DEVICE) -> str:  # type: ignore[no-untyped-def]
+    return f"/passkit/v1/devices/{device}/registrations/{PASS_TYPE}/{card['serial']}"
+
+
+def serials_url(device: str = DEVICE, since: str | None = None) -> str:
+    url = f"/passkit/v1/devices/{device}/registrations/{PASS_TYPE}"
+    return url + (f"?passesUpdatedSince={since}" if since is not None else "")
+
+
+def test_register_201_then_200_and_token_refresh(client, services, card) -> None:  # type: ignore[no-untyped-def]
+    first = client.post(reg_url(card), json={"pushToken": TOKEN_HEX}, headers=auth(card))
+    assert first.status_code == 201
+    again = client.post(reg_url(card), json={"pushToken": "cd" * 32}, headers=auth(card))
+    assert again.status_code == 200
+    with services.db.session() as session:
+        [registration] = session.scalars(select(Registration)).all()
+        assert registration.push_token == "cd" * 32  # the newest token wins
+        kinds = session.scalars(select(InstallEvent.kind)).all()
+        assert kinds == ["registered"]
+
+
+@pytest.mark.parametrize("header", [None, "ApplePass wrong-token-wrong-token-wrong", "Bearer x",
+                                    "ApplePass "])
+def test_register_refuses_bad_tokens(client, card, header) -> None:  # type: ignore[no-untyped-def]
+    headers = {"Authorization": header} if header else {}
+    response = client.post(reg_url(card), json={"pushToken": TOKEN_HEX}, headers=headers)
+    assert response.status_code == 401
+    assert response.mimetype == "application/problem+json"
+
+
+def test_unknown_serial_looks_like_a_wrong_token(client, card) -> None:  # type: ignore[no-untyped-def]
+    unknown = dict(card, serial="NoSuchSerialNumber0000")
+    a = client.post(reg_url(unknown), json={"pushToken": TOKEN_HEX}, headers=auth(card))
+    b = client.post(reg_url(card), json={"pushToken": TOKEN_HEX},
+                    headers={"Authorization": "ApplePass " + "z" * 43})
+    assert a.status_code == b.status_code == 401
+    assert a.get_json() == b.get_json()
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"pushToken": 5}', b"{}",
+                                  b'{"pushToken": "../../etc"}', b"\xff\xfe"])
+def test_register_rejects_junk_bodies(client, card, body) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(reg_url(card), data=body, headers=auth(card),
+                           content_type="application/json")
+    assert response.status_code == 400
+
+
+def test_huge_body_and_odd_paths_are_4xx(client, card) -> None:  # type: ignore[no-untyped-def]
+    huge = client.post(reg_url(card), data=b'{"pushToken":"' + b"a" * 3_000_000 + b'"}',
+                       headers=auth(card), content_type="application/json")
+    assert huge.status_code in (400, 413)
+    odd = client.post(reg_url(card, device="bad$device"), json={"pushToken": TOKEN_HEX},
+                      headers=auth(card))
+    assert odd.status_code == 400
+    assert client.get(serials_url(device="x" * 200)).status_code == 400
+    assert client.get(serials_url(since="yesterday")).status_code == 400
+    assert client.get(serials_url(since="-1")).status_code == 400
+    assert client.put(reg_url(card)).status_code == 405
+
+
+def test_unregister_is_idempotent_and_authenticated(client, services, card) -> None:  # type: ignore[no-untyped-def]
+    client.post(reg_url(card), json={"pushToken": TOKEN_HEX}, headers=auth(card))
+    assert client.delete(reg_url(card)).status_code == 401
+    assert client.delete(reg_url(card), headers=auth(card)).status_code == 200
+    assert client.delete(reg_url(card), headers=auth(card)).status_code == 200
+    with services.db.session() as session:
+        assert session.scalar(select(func.count(Registration.id))) == 0
+        assert session.scalars(select(InstallEvent.kind).order_by(InstallEvent.id)).all() == [
+            "registered", "unregistered"]
+
+
+def test_serials_since_tag(client, services, card) -> None:  # type: ignore[no-untyped-def]
+    assert client.get(serials_url()).status_code == 204  # nothing registered
+    client.post(reg_url(card), json={"pushToken": TOKEN_HEX}, headers=auth(card))
+    first = client.get(serials_url())
+    assert first.status_code == 200 and first.headers["Cache-Control"] == "no-store"
+    body = first.get_json()
+    assert body["serialNumbers"] == [card["serial"]]
+    tag = body["lastUpdated"]
+    assert client.get(serials_url(since=tag)).status_code == 204
+    # Another device sees nothing: the device library id is the secret.
+    assert client.get(serials_url(device="other-device")).status_code == 204
+
+    with services.db.transaction() as session:
+        customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+        customer.attributes["points"] = 9999
+        changed = updates.customers_changed(session, services, [customer])
+        assert card["serial"] in [c.serial_number for c in changed]
+    after = client.get(serials_url(since=tag)).get_json()
+    assert after["serialNumbers"] == [card["serial"]]
+    assert int(after["lastUpdated"]) > int(tag)
+    with services.db.session() as session:
+        assert session.scalar(select(func.count(PushJob.id))) == 1
+
+
+def test_two_changes_in_the_same_instant_both_get_later_tags(client, services, card) -> None:  # type: ignore[no-untyped-def]
+    client.post(reg_url(card), json={"pushToken": TOKEN_HEX}, headers=auth(card))
+    tag = client.get(serials_url()).get_json()["lastUpdated"]
+    seen = []
+    for points in (1, 2):
+        with services.db.transaction() as session:
+            customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+            customer.attributes["points"] = points
+            updates.customers_changed(session, services, [customer])
+        body = client.get(serials_url(since=tag)).get_json()
+        seen.append(body["serialNumbers"])
+        tag = body["lastUpdated"]
+    assert seen == [[card["serial"]], [card["serial"]]]
+
+
+def test_latest_pass_last_modified_and_304(client, services, card) -> None:  # type: ignore[no-untyped-def]
+    url = f"/passkit/v1/passes/{PASS_TYPE}/{card['serial']}"
+    assert client.get(url).status_code == 401
+    response = client.get(url, headers=auth(card))
+    assert response.status_code == 200
+    assert response.mimetype == "application/vnd.apple.pkpass"
+    last_modified = response.headers["Last-Modified"]
+    with zipfile.ZipFile(io.BytesIO(response.data)) as zf:
+        assert json.loads(zf.read("pass.json"))["serialNumber"] == card["serial"]
+    head = client.head(url, headers=auth(card))
+    assert head.status_code == 200 and head.headers["Last-Modified"] == last_modified
+    assert head.data == b""
+    cached = client.get(url, headers={**auth(card), "If-Modified-Since": last_modified})
+    assert cached.status_code == 304 and cached.data == b""
+    old = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    assert client.get(url, headers={**auth(card), "If-Modified-Since": old}).status_code == 200
+    junk = client.get(url, headers={**auth(card), "If-Modified-Since": "not a date"})
+    assert junk.status_code == 200
+
+
+def test_voided_card_is_served_without_web_service(client, services, card) -> None:  # type: ignore[no-untyped-def]
+    with services.db.transaction() as session:
+        session.get(Card, card["id"]).voided = True
+    response = client.get(f"/passkit/v1/passes/{PASS_TYPE}/{card['serial']}", headers=auth(card))
+    with zipfile.ZipFile(io.BytesIO(response.data)) as zf:
+        pass_json = json.loads(zf.read("pass.json"))
+    assert pass_json["voided"] is True
+    assert "webServiceURL" not in pass_json and "authenticationToken" not in pass_json
+
+
+def test_log_endpoint_stores_and_links_messages(client, services, card) -> None:  # type: ignore[no-untyped-def]
+    message = f"[2026-11-23] Get pass task (pass type {PASS_TYPE}, serial number {card['serial']}) failed"
+    assert client.post("/passkit/v1/log", json={"logs": [message, "unrelated"]}).status_code == 200
+    assert client.post("/passkit/v1/log", json={"description": "legacy"}).status_code == 200
+    assert client.post("/passkit/v1/log", data=b"junk").status_code == 400
+    assert client.post("/passkit/v1/log", json={"logs": [1, 2]}).status_code == 400
+    with services.db.session() as session:
+        logs = session.scalars(select(DeviceLog).order_by(DeviceLog.id)).all()
+        assert [log.message for log in logs] == [message, "unrelated", "legacy"]
+        assert [log.card_id for log in logs] == [card["id"], None, None]
