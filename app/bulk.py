@@ -27,6 +27,7 @@ from app.passes.builder import CardInput, PassBuilder
 from app.passes.images import ImageCache
 from app.passes.template import TemplateLibrary
 from app.services import Services, identity_password
+from app.updates import queue_pushes, reserve_update_tags
 
 PAGE_SIZE = 256
 BATCH_SIZE = 32
@@ -130,8 +131,9 @@ def _pages(session: Session, program_id: int) -> Iterator[list[Card]]:
 class _VersionRecorder:
     """Remembers in-flight cards' hashes and versions; writes only the changed ones."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, tenant_id: int) -> None:
         self.session = session
+        self.tenant_id = tenant_id
         self.known: dict[int, tuple[str | None, int]] = {}
         self.changed = 0
 
@@ -149,7 +151,14 @@ class _VersionRecorder:
                 updates.append({"id": card_id, "content_hash": content_hash,
                                 "version": version + 1, "last_modified": now})
         if updates:
+            # Changed content needs new update tags and pushes, like any other change.
+            tags = reserve_update_tags(self.session, len(updates))
+            for row, tag in zip(updates, tags):
+                row["update_tag"] = tag
             self.session.execute(update(Card), updates)
+            queue_pushes(self.session, [(row["id"], self.tenant_id, row["update_tag"])
+                                        for row in updates])
+            self.session.commit()  # release the tag counter's row lock at once
             self.changed += len(updates)
         return errors
 
@@ -167,7 +176,7 @@ def build_program(session: Session, services: Services, program: Program, out_di
         program.template, str(settings.certs_path), identity_row.certificate_file,
         identity_row.key_file, identity_password(identity_row), str(out_dir))
     workers = workers or os.cpu_count() or 1
-    recorder = _VersionRecorder(session)
+    recorder = _VersionRecorder(session, program.tenant_id)
     written = 0
     errors: list[str] = []
     in_flight: set[Future[list[_Result]]] = set()

@@ -11,7 +11,7 @@ from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import select
 from tqdm import tqdm
 
-from app import bulk, certs, demo as demo_data, migrate, tenants
+from app import bulk, certs, demo as demo_data, migrate, tenants, updates
 from app.customers import ImportFileError, import_csv
 from app.models import AppleIdentity, Program, Tenant
 from app.passes.template import TemplateError
@@ -298,12 +298,18 @@ def customers_import(file: Path, tenant_slug: str) -> None:
     with svc.db.tenant_session(tenant_id) as session, \
             tqdm(total=total, unit="row", desc="import", disable=None) as bar:
         try:
-            report = import_csv(session, tenant_id, file, progress=bar.update)
+            report = import_csv(session, tenant_id, file, progress=bar.update,
+                                on_changed=lambda s, changed: updates.customers_changed(
+                                    s, svc, changed).errors)
         except ImportFileError as exc:
             fail(str(exc))
     click.echo(f"{report.created} created, {report.updated} updated, "
                f"{report.unchanged} unchanged, {len(report.errors)} rejected")
-    exit_on_item_errors([f"{file}: {error}" for error in report.errors])
+    if report.card_problems:
+        click.secho(f"{len(report.card_problems)} cards could not be updated "
+                    f"(the data is imported):", fg="yellow", err=True)
+    exit_on_item_errors([f"{file}: {error}" for error in report.errors]
+                        + [f"warning: {problem}" for problem in report.card_problems])
 
 
 def _count_lines(path: Path) -> int:

@@ -140,6 +140,7 @@ class ImportReport:
     updated: int = 0
     unchanged: int = 0
     errors: list[RowError] = field(default_factory=list)
+    card_problems: list[str] = field(default_factory=list)
 
     @property
     def imported(self) -> int:
@@ -231,9 +232,18 @@ def _parse_row(line: int, record: dict[str, str]) -> _Row:
     return _Row(line, external_id, values, attributes, consents)
 
 
+ChangeHook = Callable[[Session, list[Customer]], list[str]]
+
+
 def import_csv(session: Session, tenant_id: int, path: Path,
-               progress: Callable[[int], None] | None = None) -> ImportReport:
-    """Upsert customers from a CSV file; commits every batch so good rows are never lost."""
+               progress: Callable[[int], None] | None = None,
+               on_changed: ChangeHook | None = None) -> ImportReport:
+    """Upsert customers from a CSV file; commits every batch so good rows are never lost.
+
+    ``on_changed`` runs in each batch's transaction with the customers that
+    changed (the update pipeline re-renders their cards); it returns problems
+    to report, which never undo the import.
+    """
     text = read_csv_text(path)
     _, rows = parse_rows(text, str(path))
     report = ImportReport()
@@ -246,31 +256,34 @@ def import_csv(session: Session, tenant_id: int, path: Path,
             continue
         batch.append(item)
         if len(batch) >= BATCH_SIZE:
-            _import_batch(session, tenant_id, batch, report)
+            _import_batch(session, tenant_id, batch, report, on_changed)
             if progress:
                 progress(len(batch))
             batch = []
     if batch:
-        _import_batch(session, tenant_id, batch, report)
+        _import_batch(session, tenant_id, batch, report, on_changed)
         if progress:
             progress(len(batch))
     report.errors.sort(key=lambda e: e.line)
     return report
 
 
-def _import_batch(session: Session, tenant_id: int, batch: list[_Row], report: ImportReport) -> None:
+def _import_batch(session: Session, tenant_id: int, batch: list[_Row], report: ImportReport,
+                  on_changed: ChangeHook | None) -> None:
     try:
-        _apply_batch(session, tenant_id, batch, report, per_row=False)
-        session.commit()
+        changed = _apply_batch(session, tenant_id, batch, report, per_row=False)
     except IntegrityError:
         # A conflict we could not foresee (e.g. a concurrent writer): redo row by row.
         session.rollback()
-        _apply_batch(session, tenant_id, batch, report, per_row=True)
+        changed = _apply_batch(session, tenant_id, batch, report, per_row=True)
+    session.commit()  # the data is safe before any card work
+    if on_changed and changed:
+        report.card_problems.extend(on_changed(session, changed))
         session.commit()
 
 
 def _apply_batch(session: Session, tenant_id: int, batch: list[_Row], report: ImportReport,
-                 *, per_row: bool) -> None:
+                 *, per_row: bool) -> list[Customer]:
     ids = {row.external_id for row in batch}
     emails = {row.values["email"] for row in batch if "email" in row.values}
     existing = {c.external_id: c for c in session.scalars(
@@ -279,6 +292,7 @@ def _apply_batch(session: Session, tenant_id: int, batch: list[_Row], report: Im
         select(Customer.email, Customer.external_id)
         .where(Customer.tenant_id == tenant_id, Customer.email.in_(emails))).all()) if emails else {}
     counts = ImportReport()
+    changed_customers: list[Customer] = []
     for row in batch:
         owner = email_owner.get(row.values.get("email"))
         if owner is not None and owner != row.external_id:
@@ -309,6 +323,7 @@ def _apply_batch(session: Session, tenant_id: int, batch: list[_Row], report: Im
             counts.created += 1
         elif changed:
             counts.updated += 1
+            changed_customers.append(customer)
         else:
             counts.unchanged += 1
     session.flush()
@@ -316,3 +331,4 @@ def _apply_batch(session: Session, tenant_id: int, batch: list[_Row], report: Im
     report.updated += counts.updated
     report.unchanged += counts.unchanged
     report.errors.extend(counts.errors)
+    return changed_customers

@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
-from sqlalchemy import event, exists, select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,9 +52,21 @@ def reserve_update_tags(session: Session, count: int = 1) -> range:
     raise RuntimeError("could not create the update-tag counter")
 
 
-def has_active_registrations(session: Session, card_id: int) -> bool:
-    return bool(session.scalar(select(exists().where(
-        Registration.card_id == card_id, Registration.push_problem.is_(None)))))
+def queue_pushes(session: Session, changes: list[tuple[int, int, int]]) -> int:
+    """Add a push job for each (card id, tenant id, tag) whose card has devices to tell."""
+    if not changes:
+        return 0
+    card_ids = [card_id for card_id, _, _ in changes]
+    with_devices = set(session.scalars(
+        select(Registration.card_id).where(Registration.card_id.in_(card_ids),
+                                           Registration.push_problem.is_(None))))
+    jobs = [PushJob(tenant_id=tenant_id, card_id=card_id, update_tag=tag)
+            for card_id, tenant_id, tag in changes if card_id in with_devices]
+    if jobs:
+        session.add_all(jobs)
+        session.flush()
+        session.info.setdefault(_NEW_JOBS, []).extend(job.id for job in jobs)
+    return len(jobs)
 
 
 def mark_changed(session: Session, changed: list[Card]) -> None:
@@ -63,26 +76,37 @@ def mark_changed(session: Session, changed: list[Card]) -> None:
     tags = reserve_update_tags(session, len(changed))
     for card, tag in zip(changed, tags):
         card.update_tag = tag
-        if has_active_registrations(session, card.id):
-            job = PushJob(tenant_id=card.tenant_id, card_id=card.id, update_tag=tag)
-            session.add(job)
-            session.flush()
-            session.info.setdefault(_NEW_JOBS, []).append(job.id)
+    session.flush()
+    queue_pushes(session, [(card.id, card.tenant_id, card.update_tag) for card in changed])
 
 
-def refresh_cards(session: Session, services: Services, targets: Iterable[Card]) -> list[Card]:
-    """Re-render cards; those whose content changed get a new version, tag and push."""
-    changed = []
+@dataclass
+class Refresh:
+    changed: list[Card] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # cards whose data no longer renders
+
+
+def refresh_cards(session: Session, services: Services, targets: Iterable[Card]) -> Refresh:
+    """Re-render cards; those whose content changed get a new version, tag and push.
+
+    A card whose data cannot be rendered (a template/data error naming the field)
+    is reported and left as it was; the data change itself is kept.
+    """
+    result = Refresh()
     for card in targets:
-        builder = services.pass_builder(card.program, cards.apple_identity(session, card.program))
-        if cards.render(card, services, builder).changed:
-            changed.append(card)
-    mark_changed(session, changed)
-    return changed
+        try:
+            builder = services.pass_builder(card.program,
+                                            cards.apple_identity(session, card.program))
+            if cards.render(card, services, builder).changed:
+                result.changed.append(card)
+        except (ValueError, LookupError) as exc:
+            result.errors.append(f"card {card.serial_number}: {exc}")
+    mark_changed(session, result.changed)
+    return result
 
 
 def customers_changed(session: Session, services: Services,
-                      customers: Iterable[Customer]) -> list[Card]:
+                      customers: Iterable[Customer]) -> Refresh:
     """Call after changing customer data by any path (import, API, webhook, form)."""
     targets = [card for customer in customers for card in customer.cards]
     return refresh_cards(session, services, targets)

@@ -216,3 +216,29 @@ def test_flask_cli_has_the_same_commands(app) -> None:  # type: ignore[no-untype
     result = app.test_cli_runner().invoke(args=["demo"])
     assert result.exit_code == 0, result.output
     assert set(main.commands) <= set(app.cli.commands)
+
+
+def test_import_runs_the_update_pipeline(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from app import cards as cards_module
+    from app.models import PushJob, Registration
+
+    with services.db.transaction(demo["tenant_id"]) as session:
+        card = session.scalar(select(Card).join(Customer).where(
+            Customer.external_id == "C-1001", Card.program_id == demo["program_ids"]["rewards"]))
+        cards_module.build_pkpass(session, card, services)  # as served at install
+        session.add(Registration(card_id=card.id, device_library_identifier="dev1",
+                                 pass_type_identifier="pass.dev.passerelle.demo",
+                                 push_token="ab" * 32))
+        card_id, version = card.id, card.version
+    csv_file = _write(tmp_path / "points.csv", "external_id,points\nC-1001,4321\nC-1002,many\n")
+    result = invoke(runner, "customers", "import", str(csv_file), "--tenant", "demo")
+    # C-1002's new value cannot render: reported, but the data is kept.
+    assert result.exit_code == 2 and "0 created, 2 updated" in result.output
+    assert "'many' is not a valid int" in result.output
+    with services.db.session() as session:
+        card = session.get(Card, card_id)
+        assert card.version == version + 1 and card.update_tag > 0
+        [job] = session.scalars(select(PushJob)).all()
+        assert (job.card_id, job.update_tag) == (card_id, card.update_tag)
+        assert session.scalar(select(Customer.attributes).where(
+            Customer.external_id == "C-1002"))["points"] == "many"

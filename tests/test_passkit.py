@@ -116,7 +116,7 @@ def test_serials_since_tag(client, services, card) -> None:  # type: ignore[no-u
     with services.db.transaction() as session:
         customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
         customer.attributes["points"] = 9999
-        changed = updates.customers_changed(session, services, [customer])
+        changed = updates.customers_changed(session, services, [customer]).changed
         assert card["serial"] in [c.serial_number for c in changed]
     after = client.get(serials_url(since=tag)).get_json()
     assert after["serialNumbers"] == [card["serial"]]
