@@ -11,7 +11,7 @@ from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import select
 from tqdm import tqdm
 
-from app import bulk, certs, demo as demo_data, migrate, tenants, updates
+from app import bulk, certs, diagnostics, demo as demo_data, migrate, tenants, updates
 from app.customers import ImportFileError, import_csv
 from app.models import AppleIdentity, Program, Tenant
 from app.passes.template import TemplateError
@@ -270,6 +270,21 @@ def _ensure_migrated() -> None:
         fail("the database schema is not up to date: run `passerelle db upgrade`")
 
 
+# -- background jobs ----------------------------------------------------------------
+
+@main.command("worker")
+@click.option("--workers", default=4, show_default=True, type=int,
+              help="Threads delivering jobs (pushes are I/O bound).")
+@with_appcontext
+def worker(workers: int) -> None:
+    """Run the job worker: push delivery and the outbox sweeper (Ctrl-C to stop)."""
+    _ensure_migrated()
+    svc = services()
+    where = svc.settings.redis_url or str(svc.settings.instance_path / "jobs.sqlite3")
+    click.echo(f"worker: {workers} threads, queue {where}")
+    svc.jobs.consumer(workers).run()
+
+
 # -- customers -----------------------------------------------------------------------
 
 def _tenant(session, slug: str) -> Tenant:  # type: ignore[no-untyped-def]
@@ -322,6 +337,21 @@ def _count_lines(path: Path) -> int:
 @main.group()
 def cards() -> None:
     """Wallet cards."""
+
+
+@cards.command("timeline")
+@click.argument("serial")
+@with_appcontext
+def cards_timeline(serial: str) -> None:
+    """A card's diagnostic timeline: versions, devices, pushes and Wallet's log lines."""
+    _ensure_migrated()
+    with services().db.session() as session:
+        try:
+            entries = diagnostics.timeline(session, serial)
+        except LookupError as exc:
+            fail(str(exc))
+    for entry in entries:
+        click.echo(f"{entry.at:%Y-%m-%d %H:%M:%S}  {entry.kind:<12} {entry.text}")
 
 
 @cards.command("build")

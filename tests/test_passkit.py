@@ -180,3 +180,18 @@ def test_log_endpoint_stores_and_links_messages(client, services, card) -> None:
         logs = session.scalars(select(DeviceLog).order_by(DeviceLog.id)).all()
         assert [log.message for log in logs] == [message, "unrelated", "legacy"]
         assert [log.card_id for log in logs] == [card["id"], None, None]
+
+
+def test_card_timeline_command(client, services, card, app) -> None:  # type: ignore[no-untyped-def]
+    from app.cli import main
+
+    client.post(reg_url(card), json={"pushToken": TOKEN_HEX}, headers=auth(card))
+    client.post("/passkit/v1/log", json={"logs": [f"serial number {card['serial']} failed"]})
+    result = app.test_cli_runner().invoke(main, ["cards", "timeline", card["serial"]])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    kinds = [line.split()[2] for line in lines]
+    assert {"issued", "content", "registered", "wallet"} <= set(kinds)
+    assert DEVICE not in result.output  # device ids are shortened
+    missing = app.test_cli_runner().invoke(main, ["cards", "timeline", "nope"])
+    assert missing.exit_code == 1 and "no card with serial 'nope'" in missing.output
