@@ -75,7 +75,7 @@ def deliver(services: Services, job_id: int) -> Delivery:
             query = query.where(Registration.id.in_(job.registration_ids))
         registrations = session.scalars(query).all()
         if card is None or not registrations:
-            job.done_at = now
+            job.done_at, job.claimed_until = now, None
             session.commit()
             return Delivery(job_id, "done")
         identity_row = cards.apple_identity(session, card.program)
