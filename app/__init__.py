@@ -20,11 +20,12 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.extensions["passerelle"] = services
 
     from app.cli import register_commands
-    from app.web import demo, errors, health, passkit
+    from app.web import demo, errors, health, limits, passkit
 
     register_commands(app)
 
     errors.register(app)
+    limits.init(app, settings.redis_url)
     app.register_blueprint(health.bp)
     app.register_blueprint(demo.bp)
     app.register_blueprint(passkit.bp)

@@ -60,8 +60,11 @@ def settings(tmp_path: Path, database_url: str, shared_dirs: dict[str, Path]) ->
 
 @pytest.fixture()
 def app(settings: Settings):  # type: ignore[no-untyped-def]
+    from app.web.limits import limiter
+
     flask_app = create_app(settings)
     flask_app.config["TESTING"] = True
+    limiter.reset()  # rate-limit counters are per process; each test starts from zero
     yield flask_app
     _empty_tables(flask_app.extensions["passerelle"])
     flask_app.extensions["passerelle"].db.dispose()

@@ -195,3 +195,11 @@ def test_card_timeline_command(client, services, card, app) -> None:  # type: ig
     assert DEVICE not in result.output  # device ids are shortened
     missing = app.test_cli_runner().invoke(main, ["cards", "timeline", "nope"])
     assert missing.exit_code == 1 and "no card with serial 'nope'" in missing.output
+
+
+def test_log_endpoint_is_rate_limited(client) -> None:  # type: ignore[no-untyped-def]
+    codes = [client.post("/passkit/v1/log", json={"logs": ["x"]}).status_code for _ in range(61)]
+    assert codes[:60] == [200] * 60
+    assert codes[60] == 429
+    limited = client.post("/passkit/v1/log", json={"logs": ["x"]})
+    assert limited.mimetype == "application/problem+json"

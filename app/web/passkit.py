@@ -14,6 +14,7 @@ from flask import Blueprint, Response, jsonify, request
 from app import passkit
 from app.web import services
 from app.web.errors import problem
+from app.web.limits import DEVICE_LOG_LIMIT, limiter
 
 bp = Blueprint("passkit", __name__, url_prefix="/passkit/v1")
 
@@ -97,6 +98,7 @@ def latest_pass(pass_type: str, serial: str):  # type: ignore[no-untyped-def]
 
 
 @bp.post("/log")
+@limiter.limit(DEVICE_LOG_LIMIT)
 def log():  # type: ignore[no-untyped-def]
     messages = passkit.parse_logs(_json_body())
     with services().db.session() as session:
