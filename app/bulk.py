@@ -10,6 +10,7 @@ memory stays flat whatever the number of cards.
 
 from __future__ import annotations
 
+import datetime as dt
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from app import cards
 from app.certs import load_identity
-from app.models import Card, Customer, Program, utcnow
+from app.models import Card, Customer, Program
 from app.passes.builder import CardInput, PassBuilder
 from app.passes.images import ImageCache
 from app.passes.template import TemplateLibrary
@@ -134,22 +135,23 @@ class _VersionRecorder:
     def __init__(self, session: Session, tenant_id: int) -> None:
         self.session = session
         self.tenant_id = tenant_id
-        self.known: dict[int, tuple[str | None, int]] = {}
+        self.known: dict[int, tuple[str | None, int, dt.datetime]] = {}
         self.changed = 0
 
     def remember(self, card: Card) -> None:
-        self.known[card.id] = (card.content_hash, card.version)
+        self.known[card.id] = (card.content_hash, card.version, card.last_modified)
 
     def record(self, results: list[_Result]) -> list[str]:
-        now = utcnow()
         updates, errors = [], []
         for card_id, content_hash, error in results:
-            old_hash, version = self.known.pop(card_id)
+            old_hash, version, last_modified = self.known.pop(card_id)
             if error is not None:
                 errors.append(error)
             elif content_hash != old_hash:
                 updates.append({"id": card_id, "content_hash": content_hash,
-                                "version": version + 1, "last_modified": now})
+                                "version": version + 1,
+                                "last_modified": cards.next_last_modified(
+                                    last_modified if version > 0 else None)})
         if updates:
             # Changed content needs new update tags and pushes, like any other change.
             tags = reserve_update_tags(self.session, len(updates))

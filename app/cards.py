@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import datetime as dt
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -100,13 +101,26 @@ class RenderedCard:
     changed: bool
 
 
+def next_last_modified(previous: dt.datetime | None) -> dt.datetime:
+    """Now, but always at least one whole second after the previous version.
+
+    HTTP dates have one-second resolution: two versions in the same second would
+    share a Last-Modified, and a device holding the first would get 304 for the
+    second. So each version's Last-Modified is a distinct second.
+    """
+    now = utcnow()
+    if previous is None:
+        return now
+    return max(now, previous.replace(microsecond=0) + dt.timedelta(seconds=1))
+
+
 def record_content(card: Card, content_hash: str) -> bool:
     """Store a freshly rendered hash; move version and Last-Modified only if it changed."""
     if card.content_hash == content_hash:
         return False
     card.content_hash = content_hash
     card.version += 1
-    card.last_modified = utcnow()
+    card.last_modified = next_last_modified(card.last_modified if card.version > 1 else None)
     return True
 
 

@@ -8,6 +8,7 @@ every table is emptied after each test instead of rolling back a transaction.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +107,12 @@ def _empty_tables(services: Services) -> None:
         else:
             for table in tables:
                 conn.execute(text(f"DELETE FROM {table}"))
+
+
+@pytest.fixture()
+def keep_signal_handlers():  # type: ignore[no-untyped-def]
+    """A Huey consumer started in a test installs signal handlers: put ours back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

@@ -4,7 +4,6 @@ and leases that keep two workers off one job."""
 from __future__ import annotations
 
 import datetime as dt
-import signal
 import time
 
 import pytest
@@ -41,14 +40,6 @@ def _wait_done(services, job_id: int, seconds: float = 15) -> PushJob:  # type: 
                 return job
         time.sleep(0.05)
     raise AssertionError(f"push job {job_id} not delivered within {seconds}s")
-
-
-@pytest.fixture()
-def keep_signal_handlers():  # type: ignore[no-untyped-def]
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
