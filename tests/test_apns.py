@@ -1,0 +1,308 @@
+"""APNs client against a real HTTP/2 + TLS stand-in (tests/apns_standin.py); no mocks.
+
+The client authenticates with a development Pass Type ID certificate (root → WWDR
+stand-in → leaf, from app.certs.make_dev_certs); the stand-in trusts that chain,
+checks the topic against the certificate's UID and answers from a per-token script.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from app.apns import APNS_PRODUCTION_URL, ApnsClient, ApnsError, ApnsPool, PushResult
+from app.certs import SigningIdentity, load_identity, make_dev_certs
+from tests.apns_standin import ApnsStandin
+
+TOPIC = "pass.test.apns"
+TEAM = "TEAMAPNS01"
+
+
+@dataclass(frozen=True)
+class DevChain:
+    certs_path: Path
+    root_ca: Path
+    wwdr: Path
+    identity: SigningIdentity
+
+
+def _token(n: int) -> str:
+    return f"{n:064x}"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> DevChain:
+    certs_path = tmp_path_factory.mktemp("apns-certs")
+    paths = make_dev_certs(certs_path, TOPIC, TEAM)
+    return DevChain(certs_path, paths.root_ca, paths.wwdr,
+                    load_identity(certs_path, paths.certificate_file, paths.key_file))
+
+
+@pytest.fixture(scope="module")
+def foreign_identity(tmp_path_factory: pytest.TempPathFactory) -> SigningIdentity:
+    """Same pass type, but a chain from another root the stand-in does not trust."""
+    certs_path = tmp_path_factory.mktemp("apns-foreign-certs")
+    paths = make_dev_certs(certs_path, TOPIC, TEAM)
+    return load_identity(certs_path, paths.certificate_file, paths.key_file)
+
+
+@pytest.fixture()
+def server(chain: DevChain) -> Iterator[ApnsStandin]:
+    with ApnsStandin([chain.root_ca, chain.wwdr]) as standin:
+        yield standin
+    assert standin.errors == []
+
+
+@pytest.fixture()
+def client(server: ApnsStandin, chain: DevChain) -> Iterator[ApnsClient]:
+    with ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
+                    ca_file=server.ca_file, timeout=5.0) as apns:
+        yield apns
+
+
+def test_each_answer_maps_to_its_outcome(server: ApnsStandin, client: ApnsClient) -> None:
+    answers = [(200, None, "sent"),
+               (400, "BadDeviceToken", "bad_token"),
+               (400, "DeviceTokenNotForTopic", "bad_token"),
+               (400, "BadTopic", "credentials"),
+               (400, "MissingTopic", "credentials"),
+               (400, "TopicDisallowed", "credentials"),
+               (403, "BadCertificate", "credentials"),
+               (403, "BadCertificateEnvironment", "credentials"),
+               (410, "Unregistered", "unregistered"),
+               (413, "PayloadTooLarge", "failed"),
+               (429, "TooManyRequests", "retry"),
+               (500, "InternalServerError", "retry"),
+               (503, "ServiceUnavailable", "retry"),
+               (400, "BadExpirationDate", "failed")]
+    tokens = [_token(i) for i in range(len(answers))]
+    for token, (status, reason, _) in zip(tokens, answers):
+        if status != 200:
+            server.script[token] = [(status, reason)]
+
+    results = client.push(TOPIC, tokens)
+
+    assert [r.push_token for r in results] == tokens  # token order kept
+    assert [(r.status, r.reason, r.outcome) for r in results] == answers
+    assert all(r.apns_id for r in results)  # APNs sends apns-id on errors too
+    assert {(r.token, r.topic, r.body, r.client_uid) for r in server.received} == \
+        {(t, TOPIC, b"{}", TOPIC) for t in tokens}
+
+
+def test_script_is_consumed_then_200(server: ApnsStandin, client: ApnsClient) -> None:
+    token = _token(7)
+    server.script[token] = [(429, "TooManyRequests"), (503, None)]
+    outcomes = [client.push(TOPIC, [token])[0] for _ in range(3)]
+    assert [(r.status, r.outcome) for r in outcomes] == [(429, "retry"), (503, "retry"),
+                                                         (200, "sent")]
+    assert outcomes[1].reason is None  # no JSON body: no reason
+    assert server.connection_ids() == {1}
+
+
+def test_wrong_topic_is_refused(server: ApnsStandin, client: ApnsClient) -> None:
+    [result] = client.push("pass.some.other.type", [_token(1)])
+    assert (result.status, result.reason, result.outcome) == \
+        (400, "DeviceTokenNotForTopic", "bad_token")
+    assert server.received[0].topic == "pass.some.other.type"
+    assert server.received[0].client_uid == TOPIC
+
+
+def test_token_that_is_not_hex_is_not_sent(server: ApnsStandin, client: ApnsClient) -> None:
+    results = client.push(TOPIC, ["../../admin", "", _token(1)])
+    assert [(r.status, r.reason, r.outcome) for r in results[:2]] == \
+        [(400, "BadDeviceToken", "bad_token")] * 2
+    assert results[2].outcome == "sent"
+    assert [r.token for r in server.received] == [_token(1)]
+
+
+def test_untrusted_certificate_fails_the_handshake_not_the_caller(
+        server: ApnsStandin, foreign_identity: SigningIdentity) -> None:
+    tokens = ["not-hex", *(_token(i) for i in range(20))]
+    with ApnsClient(server.url, foreign_identity.certificate, foreign_identity.private_key,
+                    ca_file=server.ca_file, timeout=5.0) as apns:
+        results = apns.push(TOPIC, tokens)
+
+    assert [r.push_token for r in results] == tokens
+    assert results[0].outcome == "bad_token"  # checked before sending
+    assert {(r.status, r.apns_id, r.outcome) for r in results[1:]} == {(None, None, "retry")}
+    reason = results[1].reason or ""
+    assert "TLS" in reason and "certificate" in reason, reason
+    assert server.received == []
+    # One handshake for the whole call, not one per token (APNs would see a DoS).
+    assert server.handshakes_refused == 1
+
+
+def test_unreachable_server_is_a_retry(chain: DevChain, tmp_path: Path) -> None:
+    with ApnsStandin([chain.root_ca, chain.wwdr]) as standin:
+        url, ca = standin.url, tmp_path / "ca.pem"
+        ca.write_bytes(standin.ca_file.read_bytes())
+    with ApnsClient(url, chain.identity.certificate, chain.identity.private_key,
+                    ca_file=ca, timeout=2.0) as apns:
+        results = apns.push(TOPIC, [_token(1), _token(2)])
+    assert {(r.status, r.outcome) for r in results} == {(None, "retry")}
+    assert "ConnectError" in (results[0].reason or "")
+
+
+def test_slow_answer_times_out_as_retry(server: ApnsStandin, chain: DevChain) -> None:
+    server.script[_token(1)] = [(200, None, 1.5)]
+    with ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
+                    ca_file=server.ca_file, timeout=0.3) as apns:
+        started = time.monotonic()
+        [result] = apns.push(TOPIC, [_token(1)])
+    assert time.monotonic() - started < 1.5
+    assert (result.status, result.outcome) == (None, "retry")
+    assert "Timeout" in (result.reason or "")
+
+
+def test_500_pushes_multiplex_over_one_connection(server: ApnsStandin,
+                                                  client: ApnsClient) -> None:
+    tokens = [_token(i) for i in range(500)]
+    for token in tokens:  # answers held back a little, so streams must overlap
+        server.script[token] = [(200, None, 0.1)]
+
+    results = client.push(TOPIC, tokens)
+
+    assert [r.push_token for r in results] == tokens
+    assert {r.outcome for r in results} == {"sent"}
+    assert len({r.apns_id for r in results}) == 500
+    assert sorted(r.token for r in server.received) == sorted(tokens)
+    assert server.connection_ids() == {1}
+    assert server.connections_opened == 1
+    assert server.max_in_flight >= 10  # truly concurrent streams, not one after another
+
+
+def test_consecutive_calls_reuse_the_connection(server: ApnsStandin,
+                                                client: ApnsClient) -> None:
+    client.push(TOPIC, [_token(1), _token(2)])
+    client.push(TOPIC, [_token(3)])
+    with ThreadPoolExecutor(4) as threads:  # callers on several threads share it too
+        list(threads.map(lambda n: client.push(TOPIC, [_token(n)]), range(10, 18)))
+    assert server.connection_ids() == {1}
+    assert server.connections_opened == 1
+    assert server.open_connections() == 1  # still open between calls
+
+
+def test_connection_closed_by_apns_is_reopened(server: ApnsStandin,
+                                               client: ApnsClient) -> None:
+    assert client.push(TOPIC, [_token(1)])[0].outcome == "sent"
+    server.close_connections()  # GOAWAY, as APNs does to idle connections
+    time.sleep(0.05)
+    results = client.push(TOPIC, [_token(2), _token(3)])
+    assert {r.outcome for r in results} == {"sent"}
+    assert server.connection_ids() == {1, 2}
+
+
+def test_pool_reuses_a_client_until_the_certificate_changes(
+        server: ApnsStandin, chain: DevChain, tmp_path: Path) -> None:
+    pool = ApnsPool(server.url, ca_file=server.ca_file, timeout=5.0)
+    try:
+        first = pool.client(TOPIC, chain.identity)
+        assert pool.client(TOPIC, chain.identity) is first
+        # The same certificate loaded again (a new SigningIdentity object) is the same.
+        reloaded = load_identity(chain.certs_path, f"{TOPIC}/certificate.pem",
+                                 f"{TOPIC}/key.pem")
+        assert reloaded is not chain.identity
+        assert pool.client(TOPIC, reloaded) is first
+        assert first.push(TOPIC, [_token(1)])[0].outcome == "sent"
+
+        # A renewed certificate (new key, same chain) gets a new client and connection.
+        certs_path = tmp_path / "renewed"
+        certs_path.mkdir()
+        for sub in ("dev", "wwdr"):
+            (certs_path / sub).symlink_to(chain.certs_path / sub, target_is_directory=True)
+        paths = make_dev_certs(certs_path, TOPIC, TEAM)
+        renewed = load_identity(certs_path, paths.certificate_file, paths.key_file)
+        assert renewed.certificate != chain.identity.certificate
+        second = pool.client(TOPIC, renewed)
+        assert second is not first
+        assert pool.client(TOPIC, renewed) is second
+        assert second.push(TOPIC, [_token(2)])[0].outcome == "sent"
+        assert server.connection_ids() == {1, 2}
+
+        # The replaced client was closed; a caller still holding it gets "retry".
+        [late] = first.push(TOPIC, [_token(3)])
+        assert (late.status, late.outcome) == (None, "retry")
+    finally:
+        pool.close()
+    assert not any(t.name.startswith("apns:") for t in threading.enumerate())
+
+
+def test_close_is_clean(server: ApnsStandin, chain: DevChain) -> None:
+    before = set(threading.enumerate())
+    apns = ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
+                      ca_file=server.ca_file)
+    assert apns.push(TOPIC, [_token(1)])[0].outcome == "sent"
+    apns.close()
+    apns.close()  # idempotent
+    assert set(threading.enumerate()) <= before
+    time.sleep(0.05)
+    assert server.open_connections() == 0  # the connection was closed, not dropped
+
+
+@pytest.mark.parametrize("url", ["http://api.push.apple.com", "https://api.push.apple.com/3/",
+                                 "api.push.apple.com", "https://host:notaport"])
+def test_bad_url_is_a_setup_error(url: str, chain: DevChain) -> None:
+    with pytest.raises(ApnsError, match="APNs URL"):
+        ApnsClient(url, chain.identity.certificate, chain.identity.private_key)
+    with pytest.raises(ApnsError, match="APNs URL"):
+        ApnsPool(url)
+
+
+def test_unreadable_ca_file_or_mismatched_key_is_a_setup_error(
+        chain: DevChain, foreign_identity: SigningIdentity, tmp_path: Path) -> None:
+    with pytest.raises(ApnsError, match="cannot load as a CA file") as missing:
+        ApnsClient(APNS_PRODUCTION_URL, chain.identity.certificate,
+                   chain.identity.private_key, ca_file=tmp_path / "missing.pem")
+    assert "\n" not in str(missing.value)
+    with pytest.raises(ApnsError, match="do they belong together"):
+        ApnsClient(APNS_PRODUCTION_URL, chain.identity.certificate,
+                   foreign_identity.private_key)
+
+
+def test_push_result_outcome_without_a_server() -> None:
+    assert PushResult("ab", None, "ConnectError: refused", None).outcome == "retry"
+    assert PushResult("ab", 502, None, None).outcome == "retry"
+    assert PushResult("ab", 404, "BadPath", None).outcome == "failed"
+    assert PushResult("ab", 405, "MethodNotAllowed", None).outcome == "failed"
+    assert "abcdef01" in repr(PushResult("abcdef0123456789", 200, None, None))
+    assert "0123456789" not in repr(PushResult("abcdef0123456789", 200, None, None))
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python 3.12+ warns
+def test_pool_in_a_forked_process_opens_its_own_connection(server: ApnsStandin,
+                                                           chain: DevChain) -> None:
+    pool = ApnsPool(server.url, ca_file=server.ca_file, timeout=5.0)
+    try:
+        parent_client = pool.client(TOPIC, chain.identity)
+        assert parent_client.push(TOPIC, [_token(1)])[0].outcome == "sent"
+        pid = os.fork()
+        if pid == 0:  # child: only the pool is used, then exit without pytest's teardown
+            code = 1
+            try:
+                child_client = pool.client(TOPIC, chain.identity)
+                with pytest.raises(ApnsError, match="forked"):
+                    parent_client.push(TOPIC, [_token(2)])
+                ok = child_client is not parent_client and \
+                    child_client.push(TOPIC, [_token(3)])[0].outcome == "sent"
+                code = 0 if ok else 1
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 15
+        while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("forked child hung")
+            time.sleep(0.02)
+        assert os.waitstatus_to_exitcode(waited[1]) == 0
+        assert parent_client.push(TOPIC, [_token(4)])[0].outcome == "sent"
+        assert server.connection_ids() == {1, 2}
+    finally:
+        pool.close()
