@@ -391,3 +391,7 @@ def cards_build(program_slug: str, tenant_slug: str | None, out_dir: Path, worke
     click.echo(f"{report.written} cards written to {out_dir} "
                f"({report.changed} with new content)")
     exit_on_item_errors([f"error: {error}" for error in report.errors])
+
+
+if __name__ == "__main__":  # python -m app.cli
+    main()
