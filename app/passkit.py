@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app import cards, updates
 from app.models import Card, DeviceLog, InstallEvent, Program, Registration
@@ -59,9 +59,12 @@ def parse_authorization(header: str | None) -> str | None:
 
 def authenticate(session: Session, pass_type: str, serial: str, header: str | None) -> Card:
     token = parse_authorization(header)
+    # One query for everything a pass render needs (card, program, tenant, customer).
     card = session.scalar(
         select(Card).join(Program).where(Card.serial_number == serial,
-                                         Program.pass_type_identifier == pass_type))
+                                         Program.pass_type_identifier == pass_type)
+        .options(joinedload(Card.program).joinedload(Program.tenant),
+                 joinedload(Card.customer)))
     expected = card.authentication_token if card is not None else _DUMMY_TOKEN
     matches = hmac.compare_digest(expected.encode(), (token or "").encode())
     if card is None or token is None or not matches:
