@@ -93,3 +93,35 @@ def test_parallel_updates_are_never_skipped_by_a_polling_device(services, demo) 
         # Some poll covered this card's last change and listed it.
         assert any(since < tag <= last and serial in seen for since, last, seen in polls), (
             f"the device never saw the last change of {serial} (tag {tag})")
+
+
+def test_parallel_registrations_lose_none(app, services, demo) -> None:  # type: ignore[no-untyped-def]
+    """Many devices register at once, some twice at the same moment: every device ends
+    up registered exactly once, and no request fails."""
+    with services.db.session() as session:
+        card = session.scalars(select(Card).where(
+            Card.program_id == demo["program_ids"]["rewards"])).first()
+        serial, token = card.serial_number, card.authentication_token
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def register(device: str) -> None:
+        client = app.test_client()
+        response = client.post(
+            f"/passkit/v1/devices/{device}/registrations/{PASS_TYPE}/{serial}",
+            json={"pushToken": "ef" * 32}, headers={"Authorization": f"ApplePass {token}"})
+        with lock:
+            statuses.append(response.status_code)
+
+    devices = [f"dev{i:03d}" for i in range(30)] * 2  # each device twice, concurrently
+    threads = [threading.Thread(target=register, args=(d,)) for d in devices]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(set(statuses)) <= [200, 201] and len(statuses) == 60
+    assert statuses.count(201) == 30
+    with services.db.session() as session:
+        registered = session.scalars(select(Registration.device_library_identifier).where(
+            Registration.card_id == card.id)).all()
+    assert sorted(registered) == sorted(set(devices))
