@@ -19,6 +19,7 @@ Push tokens and keys never reach the logs; at most a token's first 8 characters 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -28,8 +29,9 @@ import shutil
 import ssl
 import tempfile
 import threading
+import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpcore
+import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -93,13 +96,60 @@ class ApnsError(Exception):
     """A setup problem (unreadable certificate or CA file, bad URL), as one clear line."""
 
 
-class ApnsClient:
-    """Persistent, multiplexed HTTP/2 client for ONE pass-type certificate."""
+class ApnsTokenKey:
+    """Token-based APNs authentication: a .p8 key of the team that owns the pass type.
 
-    def __init__(self, base_url: str, certificate: x509.Certificate,
-                 private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, *,
+    Apple wants the signed token (ES256, header ``kid``, claims ``iss`` = team and
+    ``iat``) refreshed at most every 20 minutes and at least every hour; one is
+    kept for 50 minutes and shared by every request.
+    """
+
+    REFRESH_SECONDS = 50 * 60
+
+    def __init__(self, key_id: str, team_id: str, private_key: ec.EllipticCurvePrivateKey,
+                 clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(private_key, ec.EllipticCurvePrivateKey):
+            raise ApnsError(f"APNs key {key_id}: a .p8 key must be an elliptic-curve (P-256) key")
+        self.key_id, self.team_id, self._key, self._clock = key_id, team_id, private_key, clock
+        self._token: tuple[float, str] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: Path, key_id: str, team_id: str) -> ApnsTokenKey:
+        try:
+            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ApnsError(f"{path}: cannot load the APNs .p8 key ({_describe(exc)})") from None
+        return cls(key_id, team_id, key)  # type: ignore[arg-type]
+
+    @property
+    def fingerprint(self) -> bytes:
+        public = self._key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return hashlib.sha256(self.key_id.encode() + b"\0" + public).digest()
+
+    def bearer(self) -> str:
+        now = self._clock()
+        with self._lock:
+            if self._token is None or now - self._token[0] >= self.REFRESH_SECONDS:
+                token = jwt.encode({"iss": self.team_id, "iat": int(now)}, self._key,
+                                   algorithm="ES256", headers={"kid": self.key_id})
+                self._token = (now, token)
+            return self._token[1]
+
+
+class ApnsClient:
+    """Persistent, multiplexed HTTP/2 client for ONE pass-type certificate (or .p8 key)."""
+
+    def __init__(self, base_url: str, certificate: x509.Certificate | None = None,
+                 private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None, *,
+                 token_key: ApnsTokenKey | None = None,
                  ca_file: Path | None = None, timeout: float = 10.0,
                  max_concurrency: int = 200) -> None:
+        """Authenticate with the pass certificate (TLS client auth, Apple's documented
+        way) or, given ``token_key``, with a .p8 token of the same team."""
+        if token_key is None and (certificate is None or private_key is None):
+            raise ApnsError("APNs needs the pass certificate and key, or a .p8 token key")
         if max_concurrency < 1:
             raise ApnsError(f"max_concurrency must be at least 1, got {max_concurrency}")
         self.base_url = _check_url(base_url)
@@ -109,10 +159,16 @@ class ApnsClient:
         self._authority = parts.netloc.encode("idna")
         timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
         self._extensions: dict[str, object] = {"timeout": timeouts}
-        self.fingerprint = certificate.fingerprint(hashes.SHA256())
+        self._token_key = token_key
+        if token_key is not None:
+            self.fingerprint = token_key.fingerprint
+            ssl_context = _ssl_context(None, None, ca_file)
+        else:
+            assert certificate is not None and private_key is not None
+            self.fingerprint = certificate.fingerprint(hashes.SHA256())
+            ssl_context = _ssl_context(certificate, private_key, ca_file)
         self._timeout = timeout
         self._max_concurrency = max_concurrency
-        ssl_context = _ssl_context(certificate, private_key, ca_file)
 
         self._pid = os.getpid()
         self._lock = threading.Condition()
@@ -121,7 +177,8 @@ class ApnsClient:
         self._healthy = False  # the last request got an HTTP answer: the connection works
 
         self._loop = asyncio.new_event_loop()
-        uid = certificate_uid(certificate) or self.fingerprint.hex()[:12]
+        uid = (certificate_uid(certificate) if certificate is not None else None) \
+            or self.fingerprint.hex()[:12]
         # Daemon: a process that forgets close() still exits.
         self._thread = threading.Thread(target=self._run_loop, name=f"apns:{uid}", daemon=True)
         self._thread.start()
@@ -250,6 +307,8 @@ class ApnsClient:
                            target=b"/3/device/" + token.encode())
         headers = [(b"host", self._authority), (b"apns-topic", topic.encode()),
                    (b"content-length", _BODY_LENGTH)]
+        if self._token_key is not None:
+            headers.append((b"authorization", b"bearer " + self._token_key.bearer().encode()))
         async with self._semaphore:
             for attempt in (1, 2):
                 was_healthy = self._healthy
@@ -295,9 +354,12 @@ class ApnsPool:
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    def client(self, pass_type_identifier: str, identity: SigningIdentity) -> ApnsClient:
-        """The open client for this pass type; a new one when its certificate changed."""
-        fingerprint = identity.certificate.fingerprint(hashes.SHA256())
+    def client(self, pass_type_identifier: str, identity: SigningIdentity,
+               token_key: ApnsTokenKey | None = None) -> ApnsClient:
+        """The open client for this pass type; a new one when its certificate (or
+        token key) changed."""
+        fingerprint = (token_key.fingerprint if token_key is not None
+                       else identity.certificate.fingerprint(hashes.SHA256()))
         if os.getpid() != self._pid:
             # Forked (e.g. worker processes): the parent's clients have no thread here and
             # their sockets are the parent's. Start afresh, leaving those untouched.
@@ -307,8 +369,12 @@ class ApnsPool:
             if current is not None and current.fingerprint == fingerprint:
                 return current
             # Opened under the lock: two threads must not both connect for one pass type.
-            client = ApnsClient(self.base_url, identity.certificate, identity.private_key,
-                                ca_file=self.ca_file, timeout=self.timeout)
+            if token_key is not None:
+                client = ApnsClient(self.base_url, token_key=token_key, ca_file=self.ca_file,
+                                    timeout=self.timeout)
+            else:
+                client = ApnsClient(self.base_url, identity.certificate, identity.private_key,
+                                    ca_file=self.ca_file, timeout=self.timeout)
             self._clients[pass_type_identifier] = client
         if current is not None:
             log.info("APNs %s: certificate changed, new connection", pass_type_identifier)
@@ -348,17 +414,19 @@ def _result(token: str, response: httpcore.Response) -> PushResult:
     return PushResult(token, response.status, reason, apns_id)
 
 
-def _ssl_context(certificate: x509.Certificate,
-                 private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+def _ssl_context(certificate: x509.Certificate | None,
+                 private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None,
                  ca_file: Path | None) -> ssl.SSLContext:
-    """TLS 1.2+ context presenting the pass certificate, trusting the system roots
-    (+ ca_file)."""
+    """TLS 1.2+ context presenting the pass certificate (if any), trusting the system
+    roots (+ ca_file)."""
     context = ssl.create_default_context()  # system trust, hostname checks, TLS >= 1.2
     if ca_file is not None:
         try:
             context.load_verify_locations(cafile=str(ca_file))
         except (OSError, ssl.SSLError) as exc:
             raise ApnsError(f"{ca_file}: cannot load as a CA file ({_describe(exc)})") from None
+    if certificate is None or private_key is None:
+        return context  # token authentication: no client certificate
     try:
         cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
         # ssl only loads a client key from a file. The file holds the key encrypted with a

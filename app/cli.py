@@ -139,9 +139,13 @@ def certs_check() -> None:
 @click.option("--password-env", default=None,
               help="NAME of the environment variable holding the key/.p12 password.")
 @click.option("--pass-type-identifier", default=None, help="Expected pass type (checked).")
+@click.option("--apns-key", default=None,
+              help="Optional .p8 key (relative to certs_path) for token-based APNs pushes.")
+@click.option("--apns-key-id", default=None, help="The .p8 key's id (10 characters).")
 @with_appcontext
 def certs_register(tenant_slug: str, certificate: str, key: str | None, password_env: str | None,
-                   pass_type_identifier: str | None) -> None:
+                   pass_type_identifier: str | None, apns_key: str | None,
+                   apns_key_id: str | None) -> None:
     """Register a Pass Type ID certificate for a tenant (checked first)."""
     _ensure_migrated()
     svc = services()
@@ -149,7 +153,8 @@ def certs_register(tenant_slug: str, certificate: str, key: str | None, password
         with svc.db.transaction() as session:
             row = tenants.register_identity(
                 session, svc, _tenant(session, tenant_slug), certificate_file=certificate,
-                key_file=key, password_env=password_env, pass_type_identifier=pass_type_identifier)
+                key_file=key, password_env=password_env, pass_type_identifier=pass_type_identifier,
+                apns_key_file=apns_key, apns_key_id=apns_key_id)
             click.echo(f"registered {row.pass_type_identifier} (team {row.team_identifier})")
     except (tenants.SetupError, certs.CertificateError) as exc:
         fail(str(exc))

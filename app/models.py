@@ -132,6 +132,10 @@ class AppleIdentity(TenantOwned, Base):
     key_file: Mapped[str | None] = mapped_column(String(500))
     # Name of the environment variable holding the key/.p12 password: never the password.
     password_env: Mapped[str | None] = mapped_column(String(128))
+    # Optional APNs token authentication (.p8 key of the same team), instead of the
+    # certificate: path relative to certs_path, and the key's id from Apple.
+    apns_key_file: Mapped[str | None] = mapped_column(String(500))
+    apns_key_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
     tenant: Mapped[Tenant] = relationship(back_populates="apple_identities")

@@ -79,8 +79,7 @@ def deliver(services: Services, job_id: int) -> Delivery:
             session.commit()
             return Delivery(job_id, "done")
         identity_row = cards.apple_identity(session, card.program)
-        client = services.apns.client(identity_row.pass_type_identifier,
-                                      services.signing_identity(identity_row))
+        client = services.apns_client(identity_row)
         results = client.push(identity_row.pass_type_identifier,
                               [r.push_token for r in registrations])
         retry_ids: list[int] = []

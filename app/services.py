@@ -46,6 +46,19 @@ class Services:
             self._apns = ApnsPool(self.settings.apns_url, ca_file=ca_file)
         return self._apns
 
+    def apns_client(self, identity: AppleIdentity):  # type: ignore[no-untyped-def]
+        """The APNs client for a pass type: its .p8 token key if one is registered,
+        else the pass certificate itself (Apple's documented way)."""
+        from app.apns import ApnsTokenKey
+
+        token_key = None
+        if identity.apns_key_file and identity.apns_key_id:
+            token_key = ApnsTokenKey.from_file(
+                Path(self.settings.certs_path) / identity.apns_key_file, identity.apns_key_id,
+                identity.team_identifier)
+        return self.apns.client(identity.pass_type_identifier, self.signing_identity(identity),
+                                token_key)
+
     def close(self) -> None:
         if self._apns is not None:
             self._apns.close()

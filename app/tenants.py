@@ -36,8 +36,22 @@ def create_tenant(session: Session, slug: str, name: str) -> Tenant:
 
 def register_identity(session: Session, services: Services, tenant: Tenant, *,
                       certificate_file: str, key_file: str | None, password_env: str | None,
-                      pass_type_identifier: str | None = None) -> AppleIdentity:
-    """Register a Pass Type ID certificate after checking it; refuse a broken one."""
+                      pass_type_identifier: str | None = None,
+                      apns_key_file: str | None = None,
+                      apns_key_id: str | None = None) -> AppleIdentity:
+    """Register a Pass Type ID certificate after checking it; refuse a broken one.
+
+    ``apns_key_file``/``apns_key_id``: optional .p8 key for token-based APNs."""
+    if bool(apns_key_file) != bool(apns_key_id):
+        raise SetupError("an APNs .p8 key needs both the file and its key id")
+    if apns_key_file:
+        from app.apns import ApnsError, ApnsTokenKey
+
+        try:
+            ApnsTokenKey.from_file(services.settings.certs_path / apns_key_file,
+                                   apns_key_id or "", "")
+        except ApnsError as exc:
+            raise SetupError(str(exc)) from None
     probe = AppleIdentity(pass_type_identifier=pass_type_identifier or "", team_identifier="",
                           certificate_file=certificate_file, key_file=key_file,
                           password_env=password_env)
@@ -63,6 +77,8 @@ def register_identity(session: Session, services: Services, tenant: Tenant, *,
     row.certificate_file = certificate_file
     row.key_file = key_file
     row.password_env = password_env
+    row.apns_key_file = apns_key_file
+    row.apns_key_id = apns_key_id
     session.add(row)
     session.flush()
     return row

@@ -87,6 +87,9 @@ class ApnsStandin:
     port: int = 0
     record: bool = True
     script: dict[str, list[Answer]] = field(default_factory=dict)
+    #: Token authentication: key id -> (team id, public key, topics that team owns).
+    #: A request with ``authorization: bearer <JWT>`` is checked against these.
+    token_keys: dict[str, tuple[str, object, set[str]]] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
     #: TLS handshakes begun (ClientHellos seen) and connections that completed one: the
     #: difference is handshakes refused, e.g. a client certificate from another CA.
@@ -328,7 +331,14 @@ class _Connection(asyncio.Protocol):
         topic = headers.get("apns-topic")
         if not topic:
             return 400, "MissingTopic", 0.0
-        if self.client_uid is not None and topic != self.client_uid:
+        authorization = headers.get("authorization")
+        if authorization is not None:
+            problem = self._check_token(authorization, topic)
+            if problem:
+                return 403 if problem != "TopicDisallowed" else 400, problem, 0.0
+        elif self.client_uid is None and self.server.token_keys:
+            return 403, "MissingProviderToken", 0.0
+        elif self.client_uid is not None and topic != self.client_uid:
             return 400, "DeviceTokenNotForTopic", 0.0
         if not body:
             return 400, "PayloadEmpty", 0.0
@@ -339,6 +349,28 @@ class _Connection(asyncio.Protocol):
         if not isinstance(payload, dict):
             return 400, "BadPayload", 0.0
         return 200, None, 0.0
+
+    def _check_token(self, authorization: str, topic: str) -> str | None:
+        """APNs' provider-token rules: ES256, known kid, iss = its team, fresh iat."""
+        import jwt
+
+        if not authorization.startswith("bearer "):
+            return "MissingProviderToken"
+        token = authorization[len("bearer "):]
+        try:
+            header = jwt.get_unverified_header(token)
+            team, public_key, topics = self.server.token_keys[header.get("kid", "")]
+            claims = jwt.decode(token, public_key, algorithms=["ES256"],  # type: ignore[arg-type]
+                                options={"require": ["iss", "iat"], "verify_iat": False})
+        except (KeyError, jwt.PyJWTError):
+            return "InvalidProviderToken"
+        if claims["iss"] != team:
+            return "InvalidProviderToken"
+        if time.time() - claims["iat"] > 3600:
+            return "ExpiredProviderToken"
+        if topic not in topics:
+            return "TopicDisallowed"
+        return None
 
     def _send_later(self, stream_id: int, status: int, reason: str | None) -> None:
         self.waiting -= 1

@@ -306,3 +306,65 @@ def test_pool_in_a_forked_process_opens_its_own_connection(server: ApnsStandin,
         assert server.connection_ids() == {1, 2}
     finally:
         pool.close()
+
+
+# -- token (.p8) authentication ----------------------------------------------------------
+
+def _p8(tmp_path: Path) -> tuple[Path, object]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "AuthKey_ABC123DEFG.p8"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path, key.public_key()
+
+
+def test_token_authentication_without_client_certificate(chain: DevChain, tmp_path: Path) -> None:
+    from app.apns import ApnsTokenKey
+
+    p8, public_key = _p8(tmp_path)
+    with ApnsStandin([chain.root_ca, chain.wwdr], client_cert="optional") as standin:
+        standin.token_keys["ABC123DEFG"] = (TEAM, public_key, {TOPIC})
+        key = ApnsTokenKey.from_file(p8, "ABC123DEFG", TEAM)
+        with ApnsClient(standin.url, token_key=key, ca_file=standin.ca_file) as apns:
+            results = apns.push(TOPIC, [_token(1), _token(2)])
+            assert [r.outcome for r in results] == ["sent", "sent"]
+            other_team = apns.push("pass.other.team", [_token(3)])[0]
+            assert (other_team.status, other_team.reason) == (400, "TopicDisallowed")
+            assert other_team.outcome == "credentials"
+        assert all(r.client_uid is None for r in standin.received)  # no certificate sent
+        # A key the stand-in does not know is refused like APNs does.
+        (tmp_path / "other").mkdir()
+        wrong = ApnsTokenKey.from_file(_p8(tmp_path / "other")[0], "ABC123DEFG", TEAM)
+        with ApnsClient(standin.url, token_key=wrong, ca_file=standin.ca_file) as apns:
+            refused = apns.push(TOPIC, [_token(4)])[0]
+        assert (refused.status, refused.reason, refused.outcome) == (
+            403, "InvalidProviderToken", "credentials")
+        assert standin.errors == []
+
+
+def test_token_is_reused_then_refreshed(tmp_path: Path) -> None:
+    import jwt
+
+    from app.apns import ApnsTokenKey
+
+    p8, public_key = _p8(tmp_path)
+    now = [1_800_000_000.0]
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = ApnsTokenKey("ABC123DEFG", TEAM, load_pem_private_key(p8.read_bytes(), None),
+                       clock=lambda: now[0])
+    first = key.bearer()
+    now[0] += 20 * 60
+    assert key.bearer() == first  # Apple refuses tokens refreshed more often than 20 min
+    now[0] += 31 * 60
+    second = key.bearer()
+    assert second != first
+    claims = jwt.decode(second, public_key, algorithms=["ES256"], options={"verify_iat": False})
+    assert claims == {"iss": TEAM, "iat": int(now[0])}
+    assert jwt.get_unverified_header(second)["kid"] == "ABC123DEFG"
+    with pytest.raises(ApnsError, match="elliptic-curve"):
+        ApnsTokenKey("K", TEAM, object())  # type: ignore[arg-type]

@@ -101,3 +101,39 @@ def test_register_change_push_fetch_304(client, services, demo, keep_signal_hand
         assert kinds == ["registered", "push_gone"]
         outcomes = sorted(session.scalars(select(PushAttempt.outcome)).all())
         assert outcomes == ["sent", "unregistered"]
+
+
+def test_push_with_a_p8_token_key_instead_of_the_certificate(services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from app import pushes
+    from app.models import AppleIdentity, PushJob
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    certs_path = services.settings.certs_path
+    (certs_path / "AuthKey_KEYID12345.p8").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    with services.db.transaction() as session:
+        identity = session.scalar(select(AppleIdentity))
+        identity.apns_key_file, identity.apns_key_id = "AuthKey_KEYID12345.p8", "KEYID12345"
+        card = session.scalar(select(Card).join(Program).where(Program.slug == "club"))
+        session.add(Registration(card_id=card.id, device_library_identifier="p8-phone",
+                                 pass_type_identifier=PASS_TYPE, push_token=PHONE_TOKEN,
+                                 tenant_id=card.tenant_id))
+        job = PushJob(card_id=card.id, update_tag=1, tenant_id=card.tenant_id)
+        session.add(job)
+        session.flush()
+        job_id, team = job.id, identity.team_identifier
+    with ApnsStandin(client_ca_files=[certs_path / "dev" / "root-ca.pem"],
+                     client_cert="optional") as apns:
+        apns.token_keys["KEYID12345"] = (team, key.public_key(), {PASS_TYPE})
+        services.settings.apns_url = apns.url
+        services.settings.apns_ca_file = str(apns.ca_file)
+        try:
+            assert pushes.deliver(services, job_id).state == "done"
+        finally:
+            services.close()
+        [received] = apns.received
+    assert (received.token, received.status, received.client_uid) == (PHONE_TOKEN, 200, None)
