@@ -6,10 +6,9 @@ The rule that keeps installed cards stable: a card's ``version`` and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import datetime as dt
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session

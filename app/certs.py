@@ -12,7 +12,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -129,7 +129,7 @@ def find_wwdr(leaf: x509.Certificate, certs_path: Path,
     if matches:
         # Several copies (e.g. a renewed G4 with the same key): prefer one valid now,
         # then the one that lasts longest.
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         return max(matches, key=lambda c: (c.not_valid_before_utc <= now < c.not_valid_after_utc,
                                            c.not_valid_after_utc))
     where = directory if directory.is_dir() else f"{directory} (directory missing)"
@@ -157,7 +157,7 @@ def check_identity(certs_path: Path, certificate_file: str, key_file: str | None
 
     Never raises for bad input: each failure becomes a CertProblem.
     """
-    now = _aware(now or datetime.now(timezone.utc))
+    now = _aware(now or datetime.now(UTC))
     certs_path = Path(certs_path)
     problems: list[CertProblem] = []
 
@@ -261,7 +261,7 @@ def make_dev_certs(certs_path: Path, pass_type_identifier: str, team_identifier:
     if paths.certificate.exists() and paths.key.exists() and not overwrite:
         return paths
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     leaf_end = now + timedelta(days=365)
     wwdr_key_path = root / "dev" / "dev-wwdr-key.pem"
     chain = _existing_dev_chain(paths, wwdr_key_path, leaf_end)
@@ -538,7 +538,7 @@ def _key_pem(key: SigningKey) -> bytes:
 
 
 def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:

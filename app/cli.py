@@ -11,7 +11,8 @@ from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import select
 from tqdm import tqdm
 
-from app import bulk, certs, diagnostics, demo as demo_data, migrate, tenants, updates
+from app import bulk, certs, diagnostics, migrate, tenants, updates
+from app import demo as demo_data
 from app.customers import ImportFileError, import_csv
 from app.models import AppleIdentity, Program, Tenant
 from app.passes.template import TemplateError

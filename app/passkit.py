@@ -142,12 +142,12 @@ def serials_since(session: Session, device: str, pass_type: str,
 @dataclass(frozen=True)
 class LatestPass:
     card: Card
-    render: "cards.RenderedCard"
+    render: cards.RenderedCard
     data: bytes | None  # None when the device already has it (304)
 
 
 def latest_pass(session: Session, services: Services, card: Card,
-                if_modified_since: "object | None") -> LatestPass:
+                if_modified_since: object | None) -> LatestPass:
     """Re-render (catching changes made out of band), then sign unless unchanged."""
     identity = cards.apple_identity(session, card.program)
     builder = services.pass_builder(card.program, identity)

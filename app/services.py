@@ -37,7 +37,7 @@ class Services:
         self.db.dispatch_push_jobs = self.jobs.dispatch
 
     @property
-    def apns(self) -> "ApnsPool":
+    def apns(self) -> ApnsPool:
         """APNs connections, one per pass type, opened on first use and kept."""
         if self._apns is None:
             from app.apns import ApnsPool  # the HTTP/2 stack loads only where pushes run

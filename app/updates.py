@@ -15,10 +15,9 @@ is still there and the sweeper (app/jobs.py) queues it again.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy import event, select, update
 from sqlalchemy.exc import IntegrityError

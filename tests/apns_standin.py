@@ -401,7 +401,7 @@ class _Connection(asyncio.Protocol):
 
 def _server_certificates() -> tuple[bytes, bytes, bytes]:
     """A throwaway CA and a 127.0.0.1/localhost server certificate it issued (EC P-256)."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "APNs stand-in test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)

@@ -101,7 +101,7 @@ def check_pass_json(data: dict[str, Any]) -> None:
               if k in data]
     assert len(styles) == 1
     keys: list[str] = []
-    for group, fields in data[styles[0]].items():
+    for fields in data[styles[0]].values():
         for field in fields:
             assert isinstance(field["key"], str) and "value" in field
             assert isinstance(field["value"], (str, int, float))

@@ -11,7 +11,7 @@ import shutil
 import stat
 import subprocess
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl binary not i
 
 PASS_TYPE = "pass.dev.passerelle.test"
 TEAM = "TEAM123456"
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
+NOW = datetime.now(UTC).replace(microsecond=0)
 MANIFEST = json.dumps({"pass.json": "0" * 40, "icon.png": "1" * 40,
                        "en.lproj/pass.strings": "2" * 40}, indent=2).encode() + b"\n"
 

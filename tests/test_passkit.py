@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-import zipfile
 import json
+import zipfile
 
 import pytest
 from sqlalchemy import func, select
