@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.extensions["passerelle"] = services
 
     from app.cli import register_commands
-    from app.web import demo, errors, health, limits, passkit
+    from app.web import demo, errors, google, health, limits, passkit
 
     register_commands(app)
 
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(demo.bp)
     app.register_blueprint(passkit.bp)
+    app.register_blueprint(google.bp)
     return app
 
 

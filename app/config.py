@@ -55,6 +55,13 @@ class Settings:
     apns_url: str = "https://api.push.apple.com"
     #: Extra CA file to trust for APNs (a staging or test stand-in); empty = system trust.
     apns_ca_file: str = ""
+    #: Google Wallet REST API base (a stand-in in tests); OAuth token URL comes from
+    #: each service-account JSON's token_uri.
+    google_api_url: str = "https://walletobjects.googleapis.com"
+    #: Google's callback root signing keys.
+    google_keys_url: str = "https://pay.google.com/gp/m/issuer/keys"
+    #: Optional JSON file with Google's root keys, used when the URL cannot be reached.
+    google_keys_file: str = ""
     #: Redis URL for the job queue; empty = the embedded SQLite queue in the instance folder.
     redis_url: str = ""
 

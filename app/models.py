@@ -313,6 +313,8 @@ class PushJob(TenantOwned, Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"), index=True)
+    # apple: push the registered devices; google: patch the Google Wallet object.
+    channel: Mapped[str] = mapped_column(String(16), default="apple", server_default="apple")
     update_tag: Mapped[int] = mapped_column(BigInteger)
     # None = every registered device; else only these registration ids (a retry).
     registration_ids: Mapped[list[int] | None] = mapped_column(JSON)
@@ -352,3 +354,54 @@ class DeviceLog(Base):
         ForeignKey("cards.id", ondelete="SET NULL"), index=True)
     message: Mapped[str] = mapped_column(Text)
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
+class GoogleClass(TenantOwned, Base):
+    """A program's Google Wallet class as last sent, so it is patched only on change."""
+
+    __tablename__ = "google_classes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    program_id: Mapped[int] = mapped_column(
+        ForeignKey("programs.id", ondelete="CASCADE"), unique=True)
+    class_id: Mapped[str] = mapped_column(String(255), unique=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    synced_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class GoogleObject(TenantOwned, Base):
+    """A card's Google Wallet object: what was last sent, and whether it is saved."""
+
+    __tablename__ = "google_objects"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"), unique=True)
+    object_id: Mapped[str] = mapped_column(String(255), unique=True)
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    # Values of the "notify" variables last sent, to tell a notifying change from others.
+    notified_values: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    synced_at: Mapped[dt.datetime | None]
+    # From save/del callbacks; the event time orders them (a late save cannot undo a del).
+    saved: Mapped[bool] = mapped_column(Boolean, default=False)
+    saved_state_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class GoogleNotification(TenantOwned, Base):
+    """A TEXT_AND_NOTIFY message sent for an object: Google allows 3 per 24 hours."""
+
+    __tablename__ = "google_notifications"
+    __table_args__ = (Index("ix_google_notifications_object_time", "google_object_id", "sent_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    google_object_id: Mapped[int] = mapped_column(
+        ForeignKey("google_objects.id", ondelete="CASCADE"))
+    sent_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class GoogleCallbackNonce(Base):
+    """Nonces of verified Google callbacks: the unique index makes replays no-ops."""
+
+    __tablename__ = "google_callback_nonces"
+
+    nonce: Mapped[str] = mapped_column(String(255), primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

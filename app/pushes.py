@@ -69,6 +69,8 @@ def deliver(services: Services, job_id: int) -> Delivery:
         job = session.get(PushJob, job_id)
         assert job is not None
         card = session.get(Card, job.card_id)
+        if job.channel == "google":
+            return _deliver_google(session, services, job, card, now)
         query = select(Registration).where(Registration.card_id == job.card_id,
                                            Registration.push_problem.is_(None))
         if job.registration_ids is not None:
@@ -118,6 +120,33 @@ def deliver(services: Services, job_id: int) -> Delivery:
             state = Delivery(job_id, "retry", retry_in=delay.total_seconds(), sent=sent)
         session.commit()
         return state
+
+
+def _deliver_google(session: Session, services: Services, job: PushJob, card: Card | None,
+                    now: dt.datetime) -> Delivery:
+    """Patch the card's Google Wallet object (and notify within Google's budget)."""
+    from app.google.client import GoogleApiError
+    from app.google.wallet import GoogleNotConfigured, sync_object
+
+    state = Delivery(job.id, "done")
+    if card is not None:
+        try:
+            client = services.google_client(card.program.tenant)
+            sync_object(session, services, client, card)
+        except GoogleNotConfigured:
+            pass  # Google was switched off for this tenant: nothing to update
+        except GoogleApiError as exc:
+            retryable = exc.status is None or exc.status == 429 or exc.status >= 500
+            if retryable and now - job.created_at <= GIVE_UP_AFTER:
+                delay = backoff(job.attempts)
+                job.not_before, job.claimed_until = now + delay, None
+                session.commit()
+                return Delivery(job.id, "retry", retry_in=delay.total_seconds())
+            log.error("Google Wallet update of card %s failed: %s", card.serial_number, exc)
+            state = Delivery(job.id, "gave_up")
+    job.done_at, job.claimed_until = now, None
+    session.commit()
+    return state
 
 
 def due_jobs(services: Services, quiet_for: dt.timedelta = dt.timedelta(seconds=30),

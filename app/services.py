@@ -6,6 +6,7 @@ its derived images) and the loaded signing identities, each built once.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +34,8 @@ class Services:
         self._identities: dict[tuple[str, float], certs.SigningIdentity] = {}
         self._builders: dict[tuple[str, str, float], PassBuilder] = {}
         self._apns: ApnsPool | None = None
+        self._google_clients: dict[tuple[object, ...], object] = {}
+        self._google_keys = None
         self.jobs = JobQueue(settings, lambda: self)
         self.db.dispatch_push_jobs = self.jobs.dispatch
 
@@ -58,6 +61,30 @@ class Services:
                 identity.team_identifier)
         return self.apns.client(identity.pass_type_identifier, self.signing_identity(identity),
                                 token_key)
+
+    def google_client(self, tenant):  # type: ignore[no-untyped-def]
+        """The tenant's Google Wallet REST client (one per service-account file version)."""
+        from app.google.client import GoogleWalletClient
+        from app.google.wallet import service_account_info
+
+        info = service_account_info(self, tenant)
+        key = (tenant.id, info.get("private_key_id"), info.get("client_email"))
+        if key not in self._google_clients:
+            self._google_clients[key] = GoogleWalletClient(info, self.settings.google_api_url)
+        return self._google_clients[key]
+
+    @property
+    def google_root_keys(self):  # type: ignore[no-untyped-def]
+        """Google's callback root keys, fetched and cached per Cache-Control."""
+        if self._google_keys is None:
+            from app.google.callbacks import RootKeyStore, parse_root_keys
+
+            preloaded = None
+            if self.settings.google_keys_file:
+                preloaded = parse_root_keys(json.loads(
+                    Path(self.settings.google_keys_file).read_text()))
+            self._google_keys = RootKeyStore(self.settings.google_keys_url, preloaded=preloaded)
+        return self._google_keys
 
     def close(self) -> None:
         if self._apns is not None:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from app import cards
 from app.db import PUSH_DISPATCH_KEY
-from app.models import Card, Counter, Customer, PushJob, Registration
+from app.models import Card, Counter, Customer, GoogleObject, PushJob, Registration
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -59,8 +59,13 @@ def queue_pushes(session: Session, changes: list[tuple[int, int, int]]) -> int:
     with_devices = set(session.scalars(
         select(Registration.card_id).where(Registration.card_id.in_(card_ids),
                                            Registration.push_problem.is_(None))))
+    with_google = set(session.scalars(
+        select(GoogleObject.card_id).where(GoogleObject.card_id.in_(card_ids))))
     jobs = [PushJob(tenant_id=tenant_id, card_id=card_id, update_tag=tag)
             for card_id, tenant_id, tag in changes if card_id in with_devices]
+    # A card saved to Google Wallet gets its object patched through the same outbox.
+    jobs += [PushJob(tenant_id=tenant_id, card_id=card_id, update_tag=tag, channel="google")
+             for card_id, tenant_id, tag in changes if card_id in with_google]
     if jobs:
         session.add_all(jobs)
         session.flush()

@@ -272,6 +272,12 @@ def load_template(folder: Path, image_cache: images.ImageCache) -> PassTemplate:
     if unknown:
         raise TemplateError(f"{source_path}: unknown variable(s) {', '.join(unknown)}; declare "
                             f"them under [variables] in template.toml")
+    google_vars = _google_variables(meta.get("google", {}))
+    unknown = sorted(google_vars - set(variables) - set(BUILTIN_VARIABLES))
+    if unknown:
+        raise TemplateError(f"{folder / 'template.toml'}: [google] uses unknown variable(s) "
+                            f"{', '.join(unknown)}")
+    used |= google_vars
 
     string_tables = _read_strings(folder)
     static_files: dict[str, bytes] = {}
@@ -300,6 +306,14 @@ def load_template(folder: Path, image_cache: images.ImageCache) -> PassTemplate:
     )
     _self_check(template)
     return template
+
+
+def _google_variables(google: dict[str, Any]) -> set[str]:
+    """Variables the Google Wallet part of a template reads (they must resolve too)."""
+    names = {google.get("points"), google.get("header")} | set(google.get("notify", []))
+    names |= {module.get("value") for module in google.get("text_modules", [])}
+    names |= {"full_name", "program_name"}
+    return {name for name in names if isinstance(name, str) and name}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ serial number (random, no personal data) identifies the download.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, abort, render_template
+from flask import Blueprint, Response, abort, redirect, render_template
 from sqlalchemy import select
 
 from app import cards
@@ -42,8 +42,30 @@ def index():  # type: ignore[no-untyped-def]
         card_rows = session.scalars(select(Card)).all()
         by_key = {(c.program_id, c.customer_id): c.serial_number for c in card_rows}
         tenant = session.get(Tenant, tenant_id)
+        google = bool(tenant.google_issuer_id and tenant.google_service_account_file)
         return render_template("demo.html", tenant=tenant, programs=programs,
-                               customers=customers, serials=by_key)
+                               customers=customers, serials=by_key, google=google)
+
+
+@bp.get("/cards/<serial>/google")
+def google_save(serial: str):  # type: ignore[no-untyped-def]
+    """Upsert the Google Wallet object, then send the browser to Google's save page."""
+    from app.google.wallet import GoogleNotConfigured, GoogleUnavailable, save_url
+
+    tenant_id = _demo_tenant_id()
+    svc = services()
+    with svc.db.tenant_session(tenant_id) as session:
+        card = session.scalar(select(Card).where(Card.serial_number == serial))
+        if card is None:
+            abort(404, "No such card.")
+        try:
+            url = save_url(session, svc, card)
+        except GoogleNotConfigured:
+            abort(404, "Google Wallet is not set up for this brand yet.")
+        except GoogleUnavailable:
+            abort(503, "Google Wallet cannot be reached right now. Please try again in a minute.")
+        session.commit()
+    return redirect(url, code=303)
 
 
 @bp.get("/cards/<serial>.pkpass")

@@ -1,0 +1,1 @@
+"""Google Wallet: classes, objects, save links, REST client and callbacks."""

@@ -1,0 +1,218 @@
+"""Google Wallet for a card: class and object upserts, save links, updates, callbacks.
+
+Domain code over app/google/objects.py (rendering) and app/google/client.py
+(REST). REST first, then a skinny save JWT: the object exists before the
+customer saves it, so later PATCHes reach it, and links stay short.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jwt
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import cards
+from app.google import objects
+from app.models import (
+    Card,
+    GoogleCallbackNonce,
+    GoogleClass,
+    GoogleNotification,
+    GoogleObject,
+    InstallEvent,
+    Program,
+    Tenant,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from app.google.callbacks import CallbackMessage
+    from app.google.client import GoogleWalletClient
+    from app.services import Services
+
+SAVE_URL = "https://pay.google.com/gp/v/save/"
+MAX_SAFE_JWT = 1800  # Google's "maximum safe length" for a save JWT
+NOTIFY_BUDGET = 3  # TEXT_AND_NOTIFY messages per object per 24 hours
+NOTIFY_WINDOW = dt.timedelta(hours=24)
+
+
+class GoogleNotConfigured(LookupError):
+    """The tenant has no Google issuer or service account (message says which)."""
+
+
+class GoogleUnavailable(RuntimeError):
+    """Google's API cannot be reached and no fallback link fits: ask to retry later."""
+
+
+def service_account_info(services: Services, tenant: Tenant) -> dict[str, Any]:
+    if not tenant.google_issuer_id or not tenant.google_service_account_file:
+        raise GoogleNotConfigured(f"tenant {tenant.slug!r} has no Google Wallet issuer id or "
+                                  f"service account (see certs.example/README.md)")
+    path = Path(tenant.google_service_account_file)
+    if not path.is_absolute():
+        path = services.settings.certs_path / path
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise GoogleNotConfigured(f"{path}: cannot read the service-account JSON ({exc})") from None
+
+
+def _context(services: Services, program: Program) -> objects.ClassContext:
+    tenant = program.tenant
+    return objects.ClassContext(str(tenant.google_issuer_id), tenant.slug, tenant.name,
+                                program.slug, program.name, services.settings.public_url)
+
+
+def ensure_class(session: Session, services: Services, client: GoogleWalletClient,
+                 program: Program) -> str:
+    """Create the program's class once; patch it only when its rendering changed."""
+    template = services.templates.get(program.template)
+    body = objects.render_class(template, _context(services, program))
+    digest = objects.content_hash(body)
+    row = session.scalar(select(GoogleClass).where(GoogleClass.program_id == program.id))
+    if row is not None and row.content_hash == digest:
+        return row.class_id
+    resource = objects.resources(template)[0]
+    _, created = client.ensure(resource, body)
+    if not created:
+        client.patch(resource, body["id"], body)  # carries reviewStatus UNDER_REVIEW
+    if row is None:
+        row = GoogleClass(tenant_id=program.tenant_id, program_id=program.id, class_id=body["id"],
+                          content_hash=digest)
+        session.add(row)
+    row.content_hash, row.synced_at = digest, utcnow()
+    session.flush()
+    return row.class_id
+
+
+def render_object(services: Services, card: Card) -> tuple[dict[str, Any], str]:
+    template = services.templates.get(card.program.template)
+    tenant = card.program.tenant
+    card_input = cards.card_input(card, services)
+    expired = card.expires_at is not None and card.expires_at < utcnow()
+    class_ref = objects.class_id(str(tenant.google_issuer_id), tenant.slug, card.program.slug)
+    body = objects.render_object(template, card_input, issuer_id=str(tenant.google_issuer_id),
+                                 class_ref=class_ref, public_url=services.settings.public_url,
+                                 expired=expired)
+    return body, objects.resources(template)[1]
+
+
+def sync_object(session: Session, services: Services, client: GoogleWalletClient,
+                card: Card) -> GoogleObject:
+    """Insert or patch the card's object if its rendering changed; notify within budget."""
+    body, resource = render_object(services, card)
+    digest = objects.content_hash(body)
+    row = session.scalar(select(GoogleObject).where(GoogleObject.card_id == card.id))
+    if row is None:
+        row = GoogleObject(tenant_id=card.tenant_id, card_id=card.id, object_id=body["id"],
+                           notified_values={})
+        session.add(row)
+        session.flush()
+    if row.content_hash == digest:
+        return row
+    if row.synced_at is None and client.get(resource, body["id"]) is None:
+        client.insert(resource, body)
+    else:
+        # PATCH replaces arrays whole, so every array is sent in full; an empty
+        # messages list keeps Google's 10-message cap from ever being reached.
+        client.patch(resource, body["id"], {**body, "messages": []})
+        _notify_if_due(session, services, client, card, row, resource)
+    row.content_hash, row.synced_at = digest, utcnow()
+    row.notified_values = _notify_values(services, card)
+    session.flush()
+    return row
+
+
+def _notify_values(services: Services, card: Card) -> dict[str, Any]:
+    template = services.templates.get(card.program.template)
+    values = cards.card_input(card, services).values
+    return {name: str(values.get(name)) for name in template.google.get("notify", [])}
+
+
+def _notify_if_due(session: Session, services: Services, client: GoogleWalletClient, card: Card,
+                   row: GoogleObject, resource: str) -> bool:
+    if _notify_values(services, card) == (row.notified_values or {}):
+        return False  # nothing the holder is told about changed: update silently
+    since = utcnow() - NOTIFY_WINDOW
+    sent = session.scalar(select(func.count(GoogleNotification.id)).where(
+        GoogleNotification.google_object_id == row.id, GoogleNotification.sent_at > since)) or 0
+    if sent >= NOTIFY_BUDGET:
+        return False  # over Google's budget: the data still updates, silently
+    template = services.templates.get(card.program.template)
+    text = objects.notify_text(template, cards.card_input(card, services))
+    if not text:
+        return False
+    client.add_message(resource, row.object_id, {
+        "id": f"n{int(time.time() * 1000)}{secrets.token_hex(2)}",
+        "header": card.program.name[:35], "body": text[:500], "messageType": "TEXT_AND_NOTIFY"})
+    session.add(GoogleNotification(tenant_id=card.tenant_id, google_object_id=row.id))
+    return True
+
+
+def sign_save_jwt(info: dict[str, Any], payload: dict[str, Any], origins: list[str]) -> str:
+    """RS256 with the service-account key; Google's claims for a save link."""
+    claims = {"iss": info["client_email"], "aud": "google", "typ": "savetowallet",
+              "iat": int(time.time()), "origins": origins, "payload": payload}
+    return jwt.encode(claims, info["private_key"], algorithm="RS256",
+                      headers={"kid": info.get("private_key_id", "")})
+
+
+def save_url(session: Session, services: Services, card: Card,
+             origins: list[str] | None = None) -> str:
+    """Upsert over REST, then a skinny JWT {id, classId}. Built per click, never in bulk."""
+    from app.google.client import GoogleApiError
+
+    tenant = card.program.tenant
+    info = service_account_info(services, tenant)
+    template = services.templates.get(card.program.template)
+    plural = "loyaltyObjects" if objects.kind_of(template) == "loyalty" else "genericObjects"
+    try:
+        client = services.google_client(tenant)
+        class_ref = ensure_class(session, services, client, card.program)
+        row = sync_object(session, services, client, card)
+        token = sign_save_jwt(info, {plural: [{"id": row.object_id, "classId": class_ref}]},
+                              origins or [])
+    except GoogleApiError as exc:
+        if exc.status is not None and exc.status < 500 and exc.status != 429:
+            raise  # our request is wrong or access is missing: not a reason to fall back
+        body, _ = render_object(services, card)
+        token = sign_save_jwt(info, {plural: [body]}, origins or [])
+        if len(token) > MAX_SAFE_JWT:
+            raise GoogleUnavailable("Google Wallet cannot be reached right now") from exc
+    return SAVE_URL + token
+
+
+def apply_callback(session: Session, message: CallbackMessage) -> bool:
+    """Record a verified save/del callback once; True if the install state changed.
+
+    The nonce's primary key makes a replay a no-op. Events are ordered by their
+    expTimeMillis, so a late 'save' after a 'del' does not bring the card back.
+    """
+    try:
+        with session.begin_nested():
+            session.add(GoogleCallbackNonce(nonce=message.nonce))
+    except IntegrityError:
+        return False
+    row = session.scalar(select(GoogleObject).where(GoogleObject.object_id == message.object_id))
+    if row is None or message.event_type not in ("save", "del"):
+        session.commit()
+        return False  # not ours, or an event type we only acknowledge
+    session.add(InstallEvent(tenant_id=row.tenant_id, card_id=row.card_id, platform="google",
+                             kind="saved" if message.event_type == "save" else "deleted",
+                             occurred_at=dt.datetime.fromtimestamp(
+                                 message.exp_time_millis / 1000, dt.UTC)))
+    changed = False
+    if message.exp_time_millis > row.saved_state_at_ms:
+        saved = message.event_type == "save"
+        changed = saved != row.saved
+        row.saved, row.saved_state_at_ms = saved, message.exp_time_millis
+    session.commit()
+    return changed

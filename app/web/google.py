@@ -1,0 +1,66 @@
+"""Google Wallet endpoints: public images for classes, save/delete callbacks, robots.txt."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, abort, request, send_file
+
+from app.passes.images import ROLES
+from app.passes.template import TemplateError
+from app.web import services
+from app.web.errors import problem
+
+bp = Blueprint("google", __name__)
+log = logging.getLogger(__name__)
+
+ROBOTS = """User-agent: Googlebot
+Allow: /google/
+Disallow: /
+
+User-agent: *
+Disallow: /
+"""
+
+
+@bp.get("/robots.txt")
+def robots() -> Response:
+    # Google fetches callbacks and images as Googlebot; nothing else is for crawlers.
+    return Response(ROBOTS, mimetype="text/plain")
+
+
+@bp.get("/google/images/<template>/<role>.png")
+def image(template: str, role: str):  # type: ignore[no-untyped-def]
+    """Template artwork Google fetches for classes and objects (no personal data)."""
+    if role not in ROLES:
+        abort(404)
+    try:
+        folder = services().templates.get(template).path
+    except TemplateError:
+        abort(404)
+    path = folder / "images" / f"{role}.png"
+    if not path.is_file():
+        abort(404)
+    response = send_file(path, mimetype="image/png", max_age=86400)
+    return response
+
+
+@bp.post("/google/callback/<issuer_id>")
+def callback(issuer_id: str):  # type: ignore[no-untyped-def]
+    from app.google.callbacks import CallbackError, verify_callback
+    from app.google.wallet import apply_callback
+
+    if not issuer_id.isdigit() or len(issuer_id) > 20:
+        return problem(404, "Not Found", "unknown issuer")
+    body = request.get_data(cache=False)
+    if len(body) > 64 * 1024:
+        return problem(413, "Payload Too Large", "callback body too large")
+    svc = services()
+    try:
+        message = verify_callback(body, issuer_id, svc.google_root_keys.keys())
+    except CallbackError as exc:
+        log.warning("refused a Google callback for issuer %s: %s", issuer_id, exc)
+        return problem(400, "Bad Request", str(exc))
+    with svc.db.session() as session:
+        apply_callback(session, message)  # durable before we answer
+    return Response(status=200)
