@@ -20,7 +20,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.extensions["passerelle"] = services
 
     from app.cli import register_commands
-    from app.web import demo, errors, google, health, limits, passkit
+    from app.web import csrf, demo, errors, google, health, limits, links, passkit
 
     register_commands(app)
 
@@ -30,6 +30,19 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.register_blueprint(demo.bp)
     app.register_blueprint(passkit.bp)
     app.register_blueprint(google.bp)
+    from app.web import hooks  # inbound webhooks; exempts itself from CSRF (secret-authenticated)
+
+    app.register_blueprint(hooks.bp)
+    app.register_blueprint(links.bp)
+    from app.web import admin  # the dashboard under /admin (session login, CSRF on every form)
+
+    app.register_blueprint(admin.bp)
+    from app import api
+
+    api.init_app(app)  # REST API under /api/v1 (its own problem errors, limits, docs)
+    # After every blueprint: machine ones (and any under /api/) are exempted by name.
+    csrf.init(app, secure_cookie=settings.public_url.startswith("https://"),
+              machine_blueprints=[passkit.bp, google.bp])
     return app
 
 

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import webhooks_out
 from app.models import Consent, Customer
 
 STANDARD_FIELDS = ("email", "first_name", "last_name", "locale", "phone", "birthday")
@@ -120,6 +121,7 @@ def record_consent(session: Session, customer: Customer, kind: str, granted: boo
                       text=text)
     customer.consents.append(consent)
     session.add(consent)
+    webhooks_out.consent_recorded(session, customer, consent)  # no-op without subscribers
     return True
 
 

@@ -23,6 +23,10 @@ from app.models import TenantOwned
 TENANT_KEY = "tenant_id"
 #: Session.info key: callable receiving ids of push jobs once their transaction commits.
 PUSH_DISPATCH_KEY = "passerelle.dispatch_push_jobs"
+#: Session.info key: callable receiving ids of webhook deliveries once committed.
+WEBHOOK_DISPATCH_KEY = "passerelle.dispatch_webhook_deliveries"
+#: Session.info key: callable receiving ids of CRM outbox entries once committed.
+CRM_DISPATCH_KEY = "passerelle.dispatch_crm_writes"
 
 
 class Database:
@@ -32,11 +36,15 @@ class Database:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Set by Services to the job queue, so committed push jobs get queued at once.
         self.dispatch_push_jobs: Callable[[list[int]], None] | None = None
+        self.dispatch_webhook_deliveries: Callable[[list[int]], None] | None = None
+        self.dispatch_crm_writes: Callable[[list[int]], None] | None = None
 
     def session(self) -> Session:
         """An unscoped session: for system tasks (migrations, demo seeding, admin)."""
         session = self._sessions()
         session.info[PUSH_DISPATCH_KEY] = self.dispatch_push_jobs
+        session.info[WEBHOOK_DISPATCH_KEY] = self.dispatch_webhook_deliveries
+        session.info[CRM_DISPATCH_KEY] = self.dispatch_crm_writes
         return session
 
     def tenant_session(self, tenant_id: int) -> Session:

@@ -1,4 +1,4 @@
-"""Background jobs on Huey: push delivery and the outbox sweeper.
+"""Background jobs on Huey: push and CRM-write delivery, and the outbox sweepers.
 
 Embedded default: a SQLite-backed queue in the instance folder, no server to
 run. With ``PASSERELLE_REDIS_URL`` set, the queue lives in Redis and any
@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 from huey import Huey, RedisHuey, SqliteHuey, crontab
 
-from app import pushes
+from app import pushes, webhooks_out
 from app.config import Settings
+from app.crm import outbox as crm_outbox
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,66 @@ class JobQueue:
 
         self.deliver_push = deliver_push
         self.sweep_push_jobs = sweep_push_jobs
+        self._add_webhook_tasks(huey)
+        self._add_crm_tasks(huey)
+        self._add_import_tasks(huey)
+
+    def _add_import_tasks(self, huey: Huey) -> None:
+        """Customer imports uploaded through the API (app/imports.py): one task per job."""
+
+        @huey.task(name="run_import")
+        def run_import(job_id: int) -> str:
+            from app import imports
+
+            return imports.run_job(self.services, job_id)  # type: ignore[arg-type]
+
+        self.run_import = run_import
+
+    def _add_crm_tasks(self, huey: Huey) -> None:
+        """CRM outbox delivery and its sweeper (app/crm/outbox.py), as for pushes."""
+
+        @huey.task(name="deliver_crm_write")
+        def deliver_crm_write(entry_id: int) -> str:
+            outcome = crm_outbox.attempt(self.services, entry_id)  # type: ignore[arg-type]
+            if outcome.state == "retry" and outcome.retry_in is not None:
+                deliver_crm_write.schedule((entry_id,), delay=outcome.retry_in)
+            for following in outcome.unblocked:  # the customer's next write, in order
+                deliver_crm_write(following)
+            return outcome.state
+
+        @huey.periodic_task(crontab(minute="*"), name="sweep_crm_outbox")
+        def sweep_crm_outbox() -> int:
+            entry_ids = crm_outbox.due_entries(self.services)  # type: ignore[arg-type]
+            for entry_id in entry_ids:
+                deliver_crm_write(entry_id)
+            if entry_ids:
+                log.info("re-queued %d CRM writes", len(entry_ids))
+            return len(entry_ids)
+
+        self.deliver_crm_write = deliver_crm_write
+        self.sweep_crm_outbox = sweep_crm_outbox
+
+    def _add_webhook_tasks(self, huey: Huey) -> None:
+        """Outbound webhook delivery and its sweeper (app/webhooks_out.py), as for pushes."""
+
+        @huey.task(name="deliver_webhook")
+        def deliver_webhook(delivery_id: int) -> str:
+            result = webhooks_out.deliver(self.services, delivery_id)  # type: ignore[arg-type]
+            if result.state == "retry" and result.retry_in is not None:
+                deliver_webhook.schedule((delivery_id,), delay=result.retry_in)
+            return result.state
+
+        @huey.periodic_task(crontab(minute="*"), name="sweep_webhooks")
+        def sweep_webhooks() -> int:
+            delivery_ids = webhooks_out.due_deliveries(self.services)  # type: ignore[arg-type]
+            for delivery_id in delivery_ids:
+                deliver_webhook(delivery_id)
+            if delivery_ids:
+                log.info("re-queued %d webhook deliveries", len(delivery_ids))
+            return len(delivery_ids)
+
+        self.deliver_webhook = deliver_webhook
+        self.sweep_webhooks = sweep_webhooks
 
     @property
     def services(self) -> object:
@@ -65,6 +126,31 @@ class JobQueue:
                 self.deliver_push(job_id)
             except Exception:  # the queue is down: the sweeper will find the job
                 log.exception("could not queue push job %s; the sweeper will retry", job_id)
+
+    def dispatch_crm(self, entry_ids: list[int]) -> None:
+        """Queue CRM outbox entries (called after the transaction that created them commits)."""
+        for entry_id in entry_ids:
+            try:
+                self.deliver_crm_write(entry_id)
+            except Exception:  # the queue is down: the sweeper will find the entry
+                log.exception("could not queue CRM write %s; the sweeper will retry", entry_id)
+
+    def dispatch_import(self, job_id: int) -> None:
+        """Queue an import job (after the transaction that created it commits). If the
+        queue is down the job stays "queued"; re-POSTing the file is the remedy."""
+        try:
+            self.run_import(job_id)
+        except Exception:
+            log.exception("could not queue import job %s", job_id)
+
+    def dispatch_webhooks(self, delivery_ids: list[int]) -> None:
+        """Queue webhook deliveries (called after the transaction that created them commits)."""
+        for delivery_id in delivery_ids:
+            try:
+                self.deliver_webhook(delivery_id)
+            except Exception:  # the queue is down: the sweeper will find the delivery
+                log.exception("could not queue webhook delivery %s; the sweeper will retry",
+                              delivery_id)
 
     def consumer(self, workers: int = 2):  # type: ignore[no-untyped-def]
         return self.huey.create_consumer(workers=workers, worker_type="thread", periodic=True,

@@ -157,6 +157,9 @@ class Program(TenantOwned, Base):
     field_mapping: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # Template option overrides, e.g. {"barcode_format": "pdf417", "colors": {...}}.
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Enrollment/enrichment form: {"fields": {"first_name": "optional", ...},
+    # "consents": [{"kind": "marketing_email", "required": false, "text": {...}}]}.
+    forms: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -187,6 +190,8 @@ class Customer(TenantOwned, Base):
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # When the record was last read fresh from an external CRM (None: never, or built-in).
+    crm_fetched_at: Mapped[dt.datetime | None]
 
     consents: Mapped[list[Consent]] = relationship(
         back_populates="customer", order_by="Consent.recorded_at", cascade="all, delete-orphan"
@@ -212,7 +217,13 @@ class Consent(TenantOwned, Base):
     """One consent decision. Append-only, so the history is the proof."""
 
     __tablename__ = "consents"
-    __table_args__ = (Index("ix_consents_customer_kind", "customer_id", "kind", "recorded_at"),)
+    __table_args__ = (
+        Index("ix_consents_customer_kind", "customer_id", "kind", "recorded_at"),
+        # Segments filter a whole program on "latest marketing_email decision is a grant":
+        # this one lets PostgreSQL answer from the index alone.
+        Index("ix_consents_kind_customer", "kind", "customer_id", "recorded_at",
+              postgresql_include=["granted"]),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
@@ -405,3 +416,276 @@ class GoogleCallbackNonce(Base):
 
     nonce: Mapped[str] = mapped_column(String(255), primary_key=True)
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+# -- distribution: personal links, funnel, enrollment forms, CRM (issue 5) ----------------
+
+class LinkToken(TenantOwned, Base):
+    """An opaque personal link: only the SHA-256 of the token is kept (a bearer secret)."""
+
+    __tablename__ = "link_tokens"
+    __table_args__ = (Index("ix_link_tokens_program_customer", "program_id", "customer_id",
+                            "purpose"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id", ondelete="CASCADE"))
+    # None for enrollment links: the person is not known yet.
+    customer_id: Mapped[int | None] = mapped_column(
+        ForeignKey("customers.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(16))  # download | enrich | consent | enroll
+    campaign: Mapped[str | None] = mapped_column(String(100), index=True)
+    expires_at: Mapped[dt.datetime | None]
+    max_uses: Mapped[int | None] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    revoked_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[dt.datetime | None]
+
+
+class FunnelEvent(TenantOwned, Base):
+    """Append-only: one step a person took from a link (opened, downloaded, enrolled...)."""
+
+    __tablename__ = "funnel_events"
+    __table_args__ = (
+        Index("ix_funnel_events_program_campaign_time", "program_id", "campaign", "occurred_at"),
+        Index("ix_funnel_events_card", "card_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id", ondelete="CASCADE"))
+    customer_id: Mapped[int | None] = mapped_column(
+        ForeignKey("customers.id", ondelete="SET NULL"))
+    card_id: Mapped[int | None] = mapped_column(ForeignKey("cards.id", ondelete="SET NULL"))
+    link_id: Mapped[int | None] = mapped_column(
+        ForeignKey("link_tokens.id", ondelete="SET NULL"))
+    # link_opened | apple_downloaded | google_opened | enrolled | enriched | consented
+    kind: Mapped[str] = mapped_column(String(32))
+    platform: Mapped[str | None] = mapped_column(String(16))  # apple | google | desktop
+    campaign: Mapped[str | None] = mapped_column(String(100))
+    occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class CrmConnection(TenantOwned, Base):
+    """How a tenant's CRM is reached. No row (or kind "builtin"): Passerelle is the CRM."""
+
+    __tablename__ = "crm_connections"
+    __table_args__ = (UniqueConstraint("tenant_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="builtin")  # builtin | http
+    base_url: Mapped[str | None] = mapped_column(String(500))
+    auth_header: Mapped[str | None] = mapped_column(String(100))  # e.g. "Authorization"
+    # Name of the environment variable holding the header's value: never the secret.
+    auth_value_env: Mapped[str | None] = mapped_column(String(128))
+    # Customer field -> JSON path in the CRM's record, e.g. {"email": "contact.email"}.
+    mapping: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Reads fall back to the last known copy if it is at most this old.
+    max_staleness_seconds: Mapped[int] = mapped_column(Integer, default=86400)
+    timeout_seconds: Mapped[int] = mapped_column(Integer, default=5)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class CrmOutboxEntry(TenantOwned, Base):
+    """A write to the external CRM that must not be lost: kept until it is delivered."""
+
+    __tablename__ = "crm_outbox"
+    __table_args__ = (Index("ix_crm_outbox_pending", "done_at", "not_before"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"),
+                                             index=True)
+    operation: Mapped[str] = mapped_column(String(16))  # create | update
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime | None]
+    claimed_until: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    done_at: Mapped[dt.datetime | None]
+
+
+# -- install tracking and webhooks (issue 6) ------------------------------------------------
+
+class CardInstallState(TenantOwned, Base):
+    """Per card and platform, what the install log adds up to (rebuildable from the log)."""
+
+    __tablename__ = "card_install_states"
+    __table_args__ = (
+        UniqueConstraint("card_id", "platform"),
+        Index("ix_card_install_states_program_state", "program_id", "platform", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"))
+    # Copied from the card so segment counts need no join on millions of rows.
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id", ondelete="CASCADE"))
+    platform: Mapped[str] = mapped_column(String(16))  # apple | google
+    state: Mapped[str] = mapped_column(String(16))  # downloaded | installed | removed
+    device_count: Mapped[int] = mapped_column(Integer, default=0)
+    first_downloaded_at: Mapped[dt.datetime | None]
+    first_installed_at: Mapped[dt.datetime | None]
+    last_installed_at: Mapped[dt.datetime | None]
+    removed_at: Mapped[dt.datetime | None]
+    # The newest log entry folded in, so replays and rebuilds are idempotent.
+    last_event_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WebhookSubscription(TenantOwned, Base):
+    """Where a tenant wants events sent (its email tool, its CRM...)."""
+
+    __tablename__ = "webhook_subscriptions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    url: Mapped[str] = mapped_column(String(1000))
+    # HMAC key the receiver verifies with; we sign with it, so it is kept as is.
+    secret: Mapped[str] = mapped_column(String(128), default=lambda: secrets.token_urlsafe(32))
+    event_types: Mapped[list[str]] = mapped_column(JSON, default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    description: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(TenantOwned, Base):
+    """One event for one subscription: an outbox row retried with backoff for 24 hours."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_pending", "done_at", "not_before"),
+        Index("ix_webhook_deliveries_subscription_time", "subscription_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_subscriptions.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(64))  # the same for redeliveries
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime | None]
+    claimed_until: Mapped[dt.datetime | None]
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    done_at: Mapped[dt.datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(16))  # delivered | gave_up
+
+
+class WebhookAttempt(TenantOwned, Base):
+    """One HTTP attempt of a delivery: the log marketers read when a hook misbehaves."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    status: Mapped[int | None] = mapped_column(Integer)  # None: no HTTP answer
+    error: Mapped[str | None] = mapped_column(String(500))
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    attempted_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class InboundHook(TenantOwned, Base):
+    """A tenant's endpoint for loyalty-engine events: how it authenticates and maps fields."""
+
+    __tablename__ = "inbound_hooks"
+    __table_args__ = (UniqueConstraint("tenant_id", "slug"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(64))  # e.g. "loyalty-engine"
+    auth: Mapped[str] = mapped_column(String(16), default="header")  # header | hmac
+    header_name: Mapped[str] = mapped_column(String(100), default="X-Secret-Key")
+    # header: SHA-256 of the shared secret (a bearer secret). hmac: the key itself.
+    secret_hash: Mapped[str | None] = mapped_column(String(64))
+    hmac_secret: Mapped[str | None] = mapped_column(String(128))
+    # Event field paths -> our names (event id, type, customer id, points, tier...).
+    mapping: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class InboundEvent(TenantOwned, Base):
+    """Every event received, applied or not: nothing is silently dropped."""
+
+    __tablename__ = "inbound_events"
+    __table_args__ = (
+        UniqueConstraint("hook_id", "event_id"),
+        Index("ix_inbound_events_status", "tenant_id", "status", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hook_id: Mapped[int] = mapped_column(ForeignKey("inbound_hooks.id", ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(200))
+    event_type: Mapped[str | None] = mapped_column(String(100))
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16))  # applied | ignored | failed
+    error: Mapped[str | None] = mapped_column(String(500))
+    customer_id: Mapped[int | None] = mapped_column(
+        ForeignKey("customers.id", ondelete="SET NULL"))
+    received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    applied_at: Mapped[dt.datetime | None]
+
+
+# -- marketer API, dashboard users, audit (issue 7) -----------------------------------------
+
+class ApiKey(TenantOwned, Base):
+    """A tenant's API key. Shown once; only its SHA-256 is kept (a bearer secret)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # The first characters of the key, stored clear so people can tell keys apart.
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(100))
+    scope: Mapped[str] = mapped_column(String(16))  # read | write | admin
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[dt.datetime | None]
+    revoked_at: Mapped[dt.datetime | None]
+
+
+class AdminUser(TenantOwned, Base):
+    """A person using the dashboard for one tenant."""
+
+    __tablename__ = "admin_users"
+    __table_args__ = (UniqueConstraint("tenant_id", "email"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))  # viewer | marketer | admin
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[dt.datetime | None]
+    disabled_at: Mapped[dt.datetime | None]
+
+
+class AuditEntry(TenantOwned, Base):
+    """Who did what through the API or dashboard: append-only."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_tenant_time", "tenant_id", "occurred_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    actor: Mapped[str] = mapped_column(String(120))  # "key:<prefix>" or "user:<id>"
+    action: Mapped[str] = mapped_column(String(64))  # e.g. "program.create", "key.revoke"
+    target: Mapped[str | None] = mapped_column(String(200))  # ids, never personal data
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ImportJob(TenantOwned, Base):
+    """A bulk customer upsert run in the background: status and per-row errors."""
+
+    __tablename__ = "import_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")  # queued|running|done|failed
+    format: Mapped[str] = mapped_column(String(8))  # csv | ndjson
+    source_path: Mapped[str] = mapped_column(String(500))  # uploaded file in the instance folder
+    total_rows: Mapped[int] = mapped_column(Integer, default=0)
+    created: Mapped[int] = mapped_column(Integer, default=0)
+    updated: Mapped[int] = mapped_column(Integer, default=0)
+    unchanged: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None]

@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
-from app import cards, updates
-from app.models import Card, DeviceLog, InstallEvent, Program, Registration
+from app import cards, install_state, updates
+from app.models import Card, DeviceLog, Program, Registration
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -96,8 +96,7 @@ def register(session: Session, card: Card, device: str, push_token: str) -> bool
                                  device_library_identifier=device,
                                  pass_type_identifier=card.program.pass_type_identifier,
                                  push_token=push_token))
-        session.add(InstallEvent(tenant_id=card.tenant_id, card_id=card.id, platform="apple",
-                                 kind="registered", device=device))
+        install_state.record(session, card, "apple", "registered", device=device)
         session.commit()
         return True
     except IntegrityError:  # the same device registered twice at once: the other won
@@ -111,8 +110,7 @@ def unregister(session: Session, card: Card, device: str) -> None:
         Registration.card_id == card.id, Registration.device_library_identifier == device))
     if existing is not None:
         session.delete(existing)
-        session.add(InstallEvent(tenant_id=card.tenant_id, card_id=card.id, platform="apple",
-                                 kind="unregistered", device=device))
+        install_state.record(session, card, "apple", "unregistered", device=device)
     session.commit()
 
 

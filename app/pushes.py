@@ -19,11 +19,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import cards
-from app.models import Card, InstallEvent, PushAttempt, PushJob, Registration, utcnow
+from app import cards, install_state, outbox
+from app.models import Card, PushAttempt, PushJob, Registration, utcnow
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -50,15 +50,7 @@ def backoff(attempt: int) -> dt.timedelta:
 
 def claim(session: Session, job_id: int, now: dt.datetime) -> bool:
     """Take the job for one lease; False if done, leased by another worker, or not due."""
-    result = session.execute(
-        update(PushJob)
-        .where(PushJob.id == job_id, PushJob.done_at.is_(None),
-               or_(PushJob.claimed_until.is_(None), PushJob.claimed_until < now),
-               or_(PushJob.not_before.is_(None), PushJob.not_before <= now))
-        .values(claimed_until=now + LEASE, attempts=PushJob.attempts + 1)
-        .execution_options(synchronize_session=False))
-    session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return outbox.claim(session, PushJob, job_id, now, LEASE)
 
 
 def deliver(services: Services, job_id: int) -> Delivery:
@@ -95,10 +87,9 @@ def deliver(services: Services, job_id: int) -> Delivery:
             if result.outcome == "sent":
                 sent += 1
             elif result.outcome == "unregistered":
-                session.add(InstallEvent(tenant_id=card.tenant_id, card_id=card.id,
-                                         platform="apple", kind="push_gone",
-                                         device=registration.device_library_identifier))
                 session.delete(registration)
+                install_state.record(session, card, "apple", "push_gone",
+                                     device=registration.device_library_identifier)
             elif result.outcome == "bad_token":
                 registration.push_problem = result.reason or "BadDeviceToken"
             elif result.outcome == "retry":
@@ -151,14 +142,6 @@ def _deliver_google(session: Session, services: Services, job: PushJob, card: Ca
 
 def due_jobs(services: Services, quiet_for: dt.timedelta = dt.timedelta(seconds=30),
              limit: int = 1000) -> list[int]:
-    """Jobs that should be running but are not queued anywhere we can see: never
-    delivered after `quiet_for`, leases that ran out, retries that came due."""
-    now = utcnow()
+    """Jobs that should be running but are not queued anywhere we can see."""
     with services.db.session() as session:
-        return list(session.scalars(
-            select(PushJob.id).where(
-                PushJob.done_at.is_(None),
-                or_(PushJob.claimed_until.is_(None), PushJob.claimed_until < now),
-                or_(PushJob.not_before.is_(None), PushJob.not_before <= now),
-                PushJob.created_at < now - quiet_for)
-            .order_by(PushJob.id).limit(limit)))
+        return outbox.due_ids(session, PushJob, utcnow(), quiet_for, limit)

@@ -36,8 +36,12 @@ class Services:
         self._apns: ApnsPool | None = None
         self._google_clients: dict[tuple[object, ...], object] = {}
         self._google_keys = None
+        # Extra GoogleWalletClient arguments (retry policy), e.g. {"max_retries": 2}.
+        self.google_client_options: dict[str, object] = {}
         self.jobs = JobQueue(settings, lambda: self)
         self.db.dispatch_push_jobs = self.jobs.dispatch
+        self.db.dispatch_webhook_deliveries = self.jobs.dispatch_webhooks
+        self.db.dispatch_crm_writes = self.jobs.dispatch_crm
 
     @property
     def apns(self) -> ApnsPool:
@@ -70,7 +74,8 @@ class Services:
         info = service_account_info(self, tenant)
         key = (tenant.id, info.get("private_key_id"), info.get("client_email"))
         if key not in self._google_clients:
-            self._google_clients[key] = GoogleWalletClient(info, self.settings.google_api_url)
+            self._google_clients[key] = GoogleWalletClient(
+                info, self.settings.google_api_url, **self.google_client_options)  # type: ignore[arg-type]
         return self._google_clients[key]
 
     @property

@@ -57,3 +57,13 @@ def test_demo_not_seeded_explains_what_to_run(client) -> None:  # type: ignore[n
     response = client.get("/demo/")
     assert response.status_code == 404
     assert "passerelle demo" in response.get_data(as_text=True)
+
+
+def test_site_icon_is_served(client) -> None:  # type: ignore[no-untyped-def]
+    from io import BytesIO
+
+    from PIL import Image
+
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200 and response.mimetype == "image/png"
+    assert Image.open(BytesIO(response.data)).size == (32, 32)

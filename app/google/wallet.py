@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import cards
+from app import cards, install_state
 from app.google import objects
 from app.models import (
     Card,
@@ -27,7 +27,6 @@ from app.models import (
     GoogleClass,
     GoogleNotification,
     GoogleObject,
-    InstallEvent,
     Program,
     Tenant,
     utcnow,
@@ -118,17 +117,40 @@ def sync_object(session: Session, services: Services, client: GoogleWalletClient
         session.flush()
     if row.content_hash == digest:
         return row
-    if row.synced_at is None and client.get(resource, body["id"]) is None:
-        client.insert(resource, body)
-    else:
+    first_sync = row.synced_at is None
+    if not (first_sync and _inserted(session, client, card, resource, body)):
         # PATCH replaces arrays whole, so every array is sent in full; an empty
         # messages list keeps Google's 10-message cap from ever being reached.
         client.patch(resource, body["id"], {**body, "messages": []})
-        _notify_if_due(session, services, client, card, row, resource)
+        if not first_sync:  # an object we lost track of is brought back silently
+            _notify_if_due(session, services, client, card, row, resource)
     row.content_hash, row.synced_at = digest, utcnow()
     row.notified_values = _notify_values(services, card)
     session.flush()
     return row
+
+
+def _inserted(session: Session, client: GoogleWalletClient, card: Card, resource: str,
+              body: dict[str, Any]) -> bool:
+    """Insert the object unless Google already has it (e.g. our database was restored).
+
+    An existing object saying ``hasUsers`` proves an install we may have no
+    callback for, so it goes into the install log.
+    """
+    from app.google.client import GoogleApiError
+
+    existing = client.get(resource, body["id"])
+    if existing is not None:
+        if existing.get("hasUsers"):
+            install_state.record(session, card, "google", "has_users")
+        return False
+    try:
+        client.insert(resource, body)
+    except GoogleApiError as exc:
+        if exc.status != 409:  # 409: a concurrent click inserted it first
+            raise
+        return False
+    return True
 
 
 def _notify_values(services: Services, card: Card) -> dict[str, Any]:
@@ -205,10 +227,12 @@ def apply_callback(session: Session, message: CallbackMessage) -> bool:
     if row is None or message.event_type not in ("save", "del"):
         session.commit()
         return False  # not ours, or an event type we only acknowledge
-    session.add(InstallEvent(tenant_id=row.tenant_id, card_id=row.card_id, platform="google",
-                             kind="saved" if message.event_type == "save" else "deleted",
-                             occurred_at=dt.datetime.fromtimestamp(
-                                 message.exp_time_millis / 1000, dt.UTC)))
+    card = session.get(Card, row.card_id)
+    assert card is not None  # the object's foreign key cascades with the card
+    install_state.record(session, card, "google",
+                         "saved" if message.event_type == "save" else "deleted",
+                         occurred_at=dt.datetime.fromtimestamp(message.exp_time_millis / 1000,
+                                                               dt.UTC))
     changed = False
     if message.exp_time_millis > row.saved_state_at_ms:
         saved = message.event_type == "save"

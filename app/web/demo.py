@@ -6,15 +6,18 @@ serial number (random, no personal data) identifies the download.
 
 from __future__ import annotations
 
+import logging
+
 from flask import Blueprint, Response, abort, redirect, render_template
 from sqlalchemy import select
 
-from app import cards
+from app import cards, install_state
 from app.demo import DEMO_TENANT
 from app.models import Card, Customer, Program, Tenant
 from app.web import services
 
 bp = Blueprint("demo", __name__, url_prefix="/demo")
+log = logging.getLogger(__name__)
 
 PKPASS_MIMETYPE = "application/vnd.apple.pkpass"
 
@@ -50,6 +53,7 @@ def index():  # type: ignore[no-untyped-def]
 @bp.get("/cards/<serial>/google")
 def google_save(serial: str):  # type: ignore[no-untyped-def]
     """Upsert the Google Wallet object, then send the browser to Google's save page."""
+    from app.google.client import GoogleApiError
     from app.google.wallet import GoogleNotConfigured, GoogleUnavailable, save_url
 
     tenant_id = _demo_tenant_id()
@@ -64,6 +68,10 @@ def google_save(serial: str):  # type: ignore[no-untyped-def]
             abort(404, "Google Wallet is not set up for this brand yet.")
         except GoogleUnavailable:
             abort(503, "Google Wallet cannot be reached right now. Please try again in a minute.")
+        except GoogleApiError as exc:  # our setup is wrong (403, 400): operators see why
+            log.error("Google Wallet refused card %s: %s", serial, exc)
+            abort(502, "Google Wallet refused this card. The brand has been told.")
+        install_state.record(session, card, "google", "downloaded")
         session.commit()
     return redirect(url, code=303)
 
@@ -77,6 +85,7 @@ def download(serial: str) -> Response:
         if card is None:
             abort(404, "No such card.")
         data = cards.build_pkpass(session, card, svc)
+        install_state.record(session, card, "apple", "downloaded")
         last_modified = card.last_modified
         session.commit()
     response = Response(data, mimetype=PKPASS_MIMETYPE)

@@ -57,10 +57,19 @@ def callback(issuer_id: str):  # type: ignore[no-untyped-def]
         return problem(413, "Payload Too Large", "callback body too large")
     svc = services()
     try:
-        message = verify_callback(body, issuer_id, svc.google_root_keys.keys())
+        root_keys = svc.google_root_keys.keys()
+    except CallbackError as exc:
+        # Not the sender's fault: answer 503 so that Google delivers it again later.
+        log.error("cannot verify Google callbacks: %s", exc)
+        return problem(503, "Service Unavailable", "callback keys unavailable, retry later")
+    try:
+        message = verify_callback(body, issuer_id, root_keys)
     except CallbackError as exc:
         log.warning("refused a Google callback for issuer %s: %s", issuer_id, exc)
         return problem(400, "Bad Request", str(exc))
+    if message.event_type not in ("save", "del"):
+        log.info("Google callback %r for %s acknowledged, not acted on",
+                 message.event_type[:40], message.object_id)
     with svc.db.session() as session:
         apply_callback(session, message)  # durable before we answer
     return Response(status=200)

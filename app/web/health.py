@@ -1,8 +1,12 @@
-"""Liveness for load balancers: 200 when the database answers."""
+"""Liveness for load balancers (200 when the database answers), and the site icon."""
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+import io
+from functools import cache
+
+from flask import Blueprint, Response, jsonify
+from PIL import Image
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -20,3 +24,18 @@ def healthz():  # type: ignore[no-untyped-def]
     except SQLAlchemyError:
         return problem(503, "Service Unavailable", "database unreachable")
     return jsonify(status="ok", database="ok")
+
+
+@cache
+def _icon() -> bytes:
+    """A plain 32x32 square in Passerelle's ink colour, made once."""
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), (58, 28, 64)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@bp.get("/favicon.ico")
+def favicon() -> Response:
+    # Every browser asks for it; a 404 here is noise in logs and consoles.
+    return Response(_icon(), mimetype="image/png",
+                    headers={"Cache-Control": "public, max-age=604800"})

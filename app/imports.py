@@ -1,0 +1,337 @@
+"""Customer writes from the API: single upserts, and bulk imports run as background jobs.
+
+Single records (PUT/PATCH on the API) and NDJSON lines follow one rule set,
+the one the CSV import already uses for fields (``app.customers``): the
+standard fields are cleaned by the same functions, consents are appended with
+their source, attributes are free. CSV uploads go through
+``customers.import_csv`` itself, so a file behaves the same from the shell
+and from the API.
+
+Bulk imports are ``ImportJob`` rows: the upload is saved under the instance
+folder, the job is queued on Huey (``app/jobs.py``), and the worker writes the
+counts and per-row errors back to the row, where ``GET /customers/imports/{id}``
+reads them. Every batch commits on its own, so good rows are kept whatever
+happens to the others, and a job re-run after a crash only re-applies
+idempotent upserts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import updates
+from app.customers import (
+    BATCH_SIZE,
+    STANDARD_FIELDS,
+    CustomerDataError,
+    ImportFileError,
+    apply_changes,
+    clean_standard,
+    import_csv,
+    record_consent,
+)
+from app.models import Customer, ImportJob, utcnow
+
+if TYPE_CHECKING:
+    from app.services import Services
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("csv", "ndjson")
+ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+CONSENT_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_EXTERNAL_ID = 128
+MAX_ATTRIBUTE_TEXT = 1000
+MAX_ATTRIBUTES = 100
+#: JSON numbers beyond this lose precision in JavaScript clients and mean nothing on a card.
+MAX_ATTRIBUTE_NUMBER = 10**15
+MAX_ROW_ERRORS = 1000  # a job keeps this many row errors; the count says how many there were
+
+
+class CustomerConflict(ValueError):
+    """The change would give a customer another customer's email."""
+
+
+def check_external_id(value: str) -> str:
+    """External ids are the caller's keys: 1-128 printable characters, no surrounding space."""
+    if not value or len(value) > MAX_EXTERNAL_ID or value != value.strip() \
+            or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise CustomerDataError("external_id must be 1 to 128 printable characters "
+                                "without surrounding spaces")
+    return value
+
+
+def clean_attribute(name: str, value: Any) -> Any:
+    """An attribute value as stored: text, number, boolean, or None (= remove)."""
+    if not ATTRIBUTE_NAME.match(name):
+        raise CustomerDataError(f"attribute name {name!r} is not usable (letters, digits, "
+                                f"_ . -; at most 64)")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_ATTRIBUTE_NUMBER:
+            raise CustomerDataError(f"attribute {name}: number out of range")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_ATTRIBUTE_NUMBER:
+            raise CustomerDataError(f"attribute {name}: number out of range")
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_ATTRIBUTE_TEXT or "\x00" in value:
+            raise CustomerDataError(f"attribute {name}: text longer than {MAX_ATTRIBUTE_TEXT} "
+                                    f"characters or containing NUL")
+        return value
+    raise CustomerDataError(f"attribute {name}: must be text, a number, true/false or null")
+
+
+def check_consent_kind(kind: str) -> str:
+    if not CONSENT_KIND.match(kind):
+        raise CustomerDataError(f"consent kind {kind!r}: lowercase letters, digits and _")
+    return kind
+
+
+@dataclass
+class CustomerChanges:
+    """A validated change to one customer.
+
+    ``fields``: standard field -> cleaned value, or None to clear it.
+    ``attributes``: merged into the stored ones; a None value removes that attribute.
+    ``replace_attributes``: drop every attribute not named in ``attributes`` first.
+    """
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    replace_attributes: bool = False
+    consents: dict[str, bool] = field(default_factory=dict)
+
+
+@dataclass
+class UpsertResult:
+    customer: Customer
+    created: bool
+    changed: bool
+
+
+def find_customer(session: Session, external_id: str) -> Customer | None:
+    """In a tenant session: that tenant's customer with this external id."""
+    return session.scalar(select(Customer).where(Customer.external_id == external_id))
+
+
+def upsert_customer(session: Session, tenant_id: int, external_id: str, changes: CustomerChanges,
+                    *, source: str, create: bool = True) -> UpsertResult | None:
+    """Create or change one customer; None if absent and ``create`` is False.
+
+    Raises CustomerConflict when the email belongs to another customer (checked
+    before writing, so the session stays usable).
+    """
+    check_external_id(external_id)
+    customer = find_customer(session, external_id)
+    if customer is None and not create:
+        return None
+    email = changes.fields.get("email")
+    if email is not None:
+        owner = session.scalar(select(Customer.external_id).where(
+            Customer.tenant_id == tenant_id, Customer.email == email))
+        if owner is not None and owner != external_id:
+            raise CustomerConflict("email is already used by another customer")
+    created = customer is None
+    if customer is None:
+        customer = Customer(tenant_id=tenant_id, external_id=external_id, attributes={})
+        session.add(customer)
+    current = dict(customer.attributes or {})
+    base = {} if changes.replace_attributes else current
+    merged = {**base, **{k: v for k, v in changes.attributes.items() if v is not None}}
+    for name, value in changes.attributes.items():
+        if value is None:
+            merged.pop(name, None)
+    if len(merged) > MAX_ATTRIBUTES:
+        raise CustomerDataError(f"a customer has at most {MAX_ATTRIBUTES} attributes")
+    changed = apply_changes(customer, changes.fields, {})
+    if merged != current:
+        customer.attributes = merged
+        changed = True
+    for kind, granted in changes.consents.items():
+        changed = record_consent(session, customer, kind, granted, source) or changed
+    session.flush()
+    return UpsertResult(customer, created, changed)
+
+
+# -- NDJSON -----------------------------------------------------------------------------
+
+def parse_ndjson_record(record: object) -> tuple[str, CustomerChanges]:
+    """One NDJSON object -> (external_id, changes). Absent or null fields are left alone,
+    as blank CSV cells are."""
+    if not isinstance(record, dict):
+        raise CustomerDataError("each line must be a JSON object")
+    external_id = record.get("external_id")
+    if not isinstance(external_id, str):
+        raise CustomerDataError("external_id is required and must be text")
+    check_external_id(external_id.strip())
+    changes = CustomerChanges()
+    for name, value in record.items():
+        if name == "external_id" or value is None:
+            continue
+        if name in STANDARD_FIELDS:
+            if not isinstance(value, str):
+                raise CustomerDataError(f"{name}: must be text")
+            if value.strip():
+                changes.fields[name] = clean_standard(name, value)
+        elif name == "attributes":
+            if not isinstance(value, dict):
+                raise CustomerDataError("attributes: must be an object")
+            for key, item in value.items():
+                changes.attributes[key] = clean_attribute(key, item)
+        elif name == "consents":
+            if not isinstance(value, dict) or not all(isinstance(v, bool)
+                                                      for v in value.values()):
+                raise CustomerDataError("consents: must be an object of true/false")
+            for kind, granted in value.items():
+                changes.consents[check_consent_kind(kind)] = granted
+        else:
+            raise CustomerDataError(f"unknown field {name!r} (free values go under "
+                                    f"\"attributes\")")
+    return external_id.strip(), changes
+
+
+@dataclass
+class BulkReport:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    card_problems: list[str] = field(default_factory=list)
+
+
+def import_ndjson(session: Session, services: Services, tenant_id: int, path: Path) -> BulkReport:
+    """Upsert one customer per line; a bad line is reported with its number and skipped."""
+    report = BulkReport()
+    changed: list[Customer] = []
+    pending = 0
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ImportFileError(f"the file is not valid UTF-8 (byte {exc.start})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            external_id, changes = parse_ndjson_record(json.loads(line))
+        except json.JSONDecodeError as exc:
+            report.errors.append((number, f"not JSON ({exc.msg})"))
+            continue
+        except (CustomerDataError, RecursionError) as exc:
+            report.errors.append((number, str(exc) or "invalid record"))
+            continue
+        try:
+            with session.begin_nested():
+                result = upsert_customer(session, tenant_id, external_id, changes,
+                                         source="import")
+        except (CustomerConflict, CustomerDataError) as exc:
+            report.errors.append((number, str(exc)))
+            continue
+        assert result is not None
+        if result.created:
+            report.created += 1
+        elif result.changed:
+            report.updated += 1
+            changed.append(result.customer)
+        else:
+            report.unchanged += 1
+        pending += 1
+        if pending >= BATCH_SIZE:
+            _commit_batch(session, services, changed, report)
+            changed, pending = [], 0
+    _commit_batch(session, services, changed, report)
+    return report
+
+
+def _commit_batch(session: Session, services: Services, changed: list[Customer],
+                  report: BulkReport) -> None:
+    session.commit()  # the data is safe before any card work
+    if changed:
+        report.card_problems.extend(updates.customers_changed(session, services, changed).errors)
+        session.commit()
+
+
+# -- jobs -------------------------------------------------------------------------------
+
+def uploads_dir(services: Services) -> Path:
+    folder = Path(services.settings.instance_path) / "imports"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def create_job(session: Session, services: Services, tenant_id: int, fmt: str,
+               body: bytes) -> ImportJob:
+    """Save the upload and add a queued job row (queue it after commit)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    path = uploads_dir(services) / f"{uuid.uuid4().hex}.{fmt}"
+    path.write_bytes(body)
+    job = ImportJob(tenant_id=tenant_id, status="queued", format=fmt, source_path=str(path),
+                    errors=[])
+    session.add(job)
+    session.flush()
+    return job
+
+
+def run_job(services: Services, job_id: int,
+            on_progress: Callable[[int], None] | None = None) -> str:
+    """Run one import job to completion; returns its final status.
+
+    Called by the worker. A job already done or failed is left alone, so a
+    duplicated queue entry is harmless.
+    """
+    with services.db.transaction() as session:
+        job = session.get(ImportJob, job_id)
+        if job is None:
+            return "missing"
+        if job.status in ("done", "failed"):
+            return job.status
+        job.status = "running"
+        tenant_id, fmt, path = job.tenant_id, job.format, Path(job.source_path)
+    errors: list[tuple[int, str]] = []
+    counts = (0, 0, 0)
+    status = "done"
+    try:
+        with services.db.tenant_session(tenant_id) as session:
+            if fmt == "csv":
+                csv_report = import_csv(
+                    session, tenant_id, path, progress=on_progress,
+                    on_changed=lambda s, changed: updates.customers_changed(
+                        s, services, changed).errors)
+                counts = (csv_report.created, csv_report.updated, csv_report.unchanged)
+                errors = [(e.line, e.message) for e in csv_report.errors]
+            else:
+                bulk = import_ndjson(session, services, tenant_id, path)
+                counts = (bulk.created, bulk.updated, bulk.unchanged)
+                errors = bulk.errors
+    except ImportFileError as exc:
+        status = "failed"
+        errors = [(0, str(exc).replace(str(path), "the file"))]
+    except Exception:  # noqa: BLE001 - a job must end in a state people can read
+        log.exception("import job %s failed", job_id)
+        status = "failed"
+        errors = [(0, "internal error while importing; the rows before it are kept")]
+    with services.db.transaction() as session:
+        job = session.get(ImportJob, job_id)
+        assert job is not None
+        job.status = status
+        job.created, job.updated, job.unchanged = counts
+        job.total_rows = sum(counts) + len([e for e in errors if e[0] > 0])
+        job.errors = [{"line": line, "message": message}
+                      for line, message in errors[:MAX_ROW_ERRORS]]
+        job.finished_at = utcnow()
+    path.unlink(missing_ok=True)
+    return status

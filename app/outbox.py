@@ -1,0 +1,43 @@
+"""The lease mechanics shared by every outbox table (push jobs, CRM writes, webhooks).
+
+Each table has ``done_at``, ``claimed_until``, ``not_before``, ``attempts`` and
+``created_at``. A worker claims a row with one conditional UPDATE, so two
+workers never run the same row; a dead worker's lease simply runs out, and the
+per-minute sweeper finds the row again with :func:`due_ids`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy.orm import Session
+
+
+def claimable(model: Any, now: dt.datetime) -> list[ColumnElement[bool]]:
+    """Not done, not leased by a live worker, and due."""
+    return [model.done_at.is_(None),
+            or_(model.claimed_until.is_(None), model.claimed_until < now),
+            or_(model.not_before.is_(None), model.not_before <= now)]
+
+
+def claim(session: Session, model: Any, row_id: int, now: dt.datetime, lease: dt.timedelta,
+          *extra: ColumnElement[bool]) -> bool:
+    """Take the row for one lease (counting an attempt) and commit; False if not claimable."""
+    result = session.execute(
+        update(model).where(model.id == row_id, *claimable(model, now), *extra)
+        .values(claimed_until=now + lease, attempts=model.attempts + 1)
+        .execution_options(synchronize_session=False))
+    session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def due_ids(session: Session, model: Any, now: dt.datetime, quiet_for: dt.timedelta,
+            limit: int, *extra: ColumnElement[bool]) -> list[int]:
+    """Rows that should be running but are queued nowhere we can see: never delivered
+    after ``quiet_for``, leases that ran out, retries that came due."""
+    return list(session.scalars(
+        select(model.id).where(*claimable(model, now), model.created_at < now - quiet_for,
+                               *extra)
+        .order_by(model.id).limit(limit)))

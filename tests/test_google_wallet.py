@@ -1,0 +1,310 @@
+"""Google Wallet end to end: demo program -> class and object at the stand-in -> save
+link JWT verified with the service-account key; data changes -> PATCH within the
+notification budget; signed callbacks through the endpoint flip install state once."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import jwt
+import pytest
+from sqlalchemy import select
+
+from app import pushes, updates
+from app.google import wallet as google_wallet
+from app.models import (
+    Card,
+    Customer,
+    GoogleClass,
+    GoogleNotification,
+    GoogleObject,
+    InstallEvent,
+    Program,
+    PushJob,
+    Tenant,
+)
+from tests.google_signing import GoogleSigner, tampered
+from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
+
+ISSUER = DEFAULT_ISSUER_ID
+SAVE_PREFIX = "https://pay.google.com/gp/v/save/"
+
+
+@pytest.fixture()
+def standin() -> Iterator[GoogleStandin]:
+    with GoogleStandin() as server:
+        yield server
+
+
+@pytest.fixture()
+def settings(settings, standin):  # type: ignore[no-untyped-def]
+    settings.google_api_url = standin.url
+    settings.google_keys_url = standin.keys_url
+    return settings
+
+
+@pytest.fixture()
+def google(services, demo, standin, tmp_path):  # type: ignore[no-untyped-def]
+    """The demo tenant configured as a Google issuer; returns the service-account info."""
+    info, _ = standin.new_service_account()
+    path = tmp_path / "google-sa.json"
+    path.write_text(json.dumps(info))
+    with services.db.transaction() as session:
+        tenant = session.get(Tenant, demo["tenant_id"])
+        tenant.google_issuer_id, tenant.google_service_account_file = ISSUER, str(path)
+    return info
+
+
+def _serial(services, external_id: str = "C-1001", program: str = "rewards") -> str:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        return session.scalar(select(Card.serial_number).join(Customer).join(Program).where(
+            Customer.external_id == external_id, Program.slug == program))
+
+
+def _save(client, serial: str) -> str:  # type: ignore[no-untyped-def]
+    response = client.get(f"/demo/cards/{serial}/google")
+    assert response.status_code == 303, response.get_data(as_text=True)
+    location = response.headers["Location"]
+    assert location.startswith(SAVE_PREFIX)
+    return location[len(SAVE_PREFIX):]
+
+
+def _public_key(info: dict):  # type: ignore[no-untyped-def]
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    return load_pem_private_key(info["private_key"].encode(), password=None).public_key()
+
+
+def test_save_link_is_a_skinny_jwt_for_a_validated_object(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    serial = _serial(services)
+    token = _save(client, serial)
+    claims = jwt.decode(token, _public_key(google), algorithms=["RS256"], audience="google")
+    assert jwt.get_unverified_header(token)["kid"] == google["private_key_id"]
+    assert claims["iss"] == google["client_email"] and claims["typ"] == "savetowallet"
+    assert isinstance(claims["iat"], int) and claims["origins"] == []
+    [ref] = claims["payload"]["loyaltyObjects"]
+    assert set(ref) == {"id", "classId"}  # skinny: the object lives at Google already
+    assert ref["id"] == f"{ISSUER}.{serial}"
+
+    # The stand-in validated both bodies against the discovery document on insert.
+    google_class = standin.objects["loyaltyClass"][ref["classId"]]
+    assert google_class["callbackOptions"]["url"] == (
+        f"https://wallet.example.test/google/callback/{ISSUER}")
+    assert google_class["programLogo"]["sourceUri"]["uri"].startswith(
+        "https://wallet.example.test/google/images/")
+    stored = standin.objects["loyaltyObject"][ref["id"]]
+    assert stored["loyaltyPoints"]["balance"] == {"int": 1280}
+    assert stored["state"] == "ACTIVE"
+    assert stored["barcode"]["value"]  # the same member id the Apple card shows
+    assert len(SAVE_PREFIX + token) < 1000
+
+    # A second click signs a new JWT but sends nothing: the object has not changed.
+    writes = len(standin.api_requests("POST")) + len(standin.api_requests("PATCH"))
+    _save(client, serial)
+    assert len(standin.api_requests("POST")) + len(standin.api_requests("PATCH")) == writes
+
+
+def _change_points(services, points: int, tier: str | None = None) -> list[int]:  # type: ignore[no-untyped-def]
+    with services.db.transaction() as session:
+        customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+        attributes = {**customer.attributes, "points": points}
+        if tier:
+            attributes["tier"] = tier
+        customer.attributes = attributes
+        updates.customers_changed(session, services, [customer])
+    with services.db.session() as session:
+        return list(session.scalars(select(PushJob.id).where(
+            PushJob.channel == "google", PushJob.done_at.is_(None))))
+
+
+def test_changes_patch_the_object_and_notify_within_the_budget(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    serial = _serial(services)
+    _save(client, serial)
+    object_id = f"{ISSUER}.{serial}"
+
+    for points in (1300, 1400, 1500, 1600, 1700):
+        [job_id] = _change_points(services, points)
+        assert pushes.deliver(services, job_id).state == "done"
+        assert standin.objects["loyaltyObject"][object_id]["loyaltyPoints"]["balance"] == {
+            "int": points}
+
+    patches = [r for r in standin.api_requests("PATCH") if r.path.endswith(object_id)]
+    assert len(patches) == 5
+    # PATCH replaces arrays whole: each one carries every text module, not a diff.
+    assert all(len(p.body["textModulesData"]) == len(patches[0].body["textModulesData"]) > 0
+               for p in patches)
+    messages = [r for r in standin.api_requests("POST") if r.path.endswith("/addMessage")]
+    assert len(messages) == 3  # Google's budget: 3 notifications per pass per 24 hours
+    assert all(m.body["message"]["messageType"] == "TEXT_AND_NOTIFY" for m in messages)
+    # Camille's card is in French: "Vous avez maintenant 1 300 points" (narrow nbsp).
+    assert "1300" in "".join(c for c in messages[0].body["message"]["body"] if c.isdigit())
+    with services.db.session() as session:
+        assert session.scalar(select(GoogleNotification.id).limit(1)) is not None
+        assert len(session.scalars(select(GoogleNotification)).all()) == 3
+
+
+def test_an_unchanged_rendering_is_not_patched(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    _save(client, _serial(services))
+    with services.db.transaction() as session:
+        customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+        customer.attributes = {**customer.attributes, "favourite_colour": "teal"}  # not on card
+        updates.customers_changed(session, services, [customer])
+    with services.db.session() as session:
+        job_ids = session.scalars(select(PushJob.id).where(PushJob.channel == "google")).all()
+    for job_id in job_ids:  # the Apple side may re-render; Google's object is unchanged
+        assert pushes.deliver(services, job_id).state == "done"
+    assert standin.api_requests("PATCH") == []
+    assert [r for r in standin.api_requests("POST") if "addMessage" in r.path] == []
+
+
+def test_google_down_falls_back_or_asks_to_retry(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    services.google_client_options = {"backoff": 0.0, "max_retries": 1}
+    serial = _serial(services)
+    standin.fail_next("/walletobjects/v1/", 503, times=100)
+    response = client.get(f"/demo/cards/{serial}/google")
+    if response.status_code == 303:  # the whole object fits a link Google accepts
+        token = response.headers["Location"][len(SAVE_PREFIX):]
+        assert len(token) <= google_wallet.MAX_SAFE_JWT
+        claims = jwt.decode(token, _public_key(google), algorithms=["RS256"], audience="google")
+        [full] = claims["payload"]["loyaltyObjects"]
+        assert full["loyaltyPoints"]["balance"] == {"int": 1280}
+    else:
+        assert response.status_code == 503
+        assert "try again" in response.get_data(as_text=True).lower()
+
+
+def test_fat_fallback_is_used_only_when_it_fits(services, google, standin, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    services.google_client_options = {"backoff": 0.0, "max_retries": 0}
+    standin.fail_next("/walletobjects/v1/", 503, times=100)
+    with services.db.session() as session:
+        card = session.scalar(select(Card).where(Card.serial_number == _serial(services)))
+        monkeypatch.setattr(google_wallet, "MAX_SAFE_JWT", 100_000)
+        url = google_wallet.save_url(session, services, card)
+        assert "loyaltyPoints" in json.dumps(jwt.decode(
+            url[len(SAVE_PREFIX):], options={"verify_signature": False}))
+        monkeypatch.setattr(google_wallet, "MAX_SAFE_JWT", 200)
+        with pytest.raises(google_wallet.GoogleUnavailable):
+            google_wallet.save_url(session, services, card)
+
+
+def test_permission_problem_is_a_page_not_a_500(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    standin.issuer_ids.clear()  # the service account was removed from the issuer
+    response = client.get(f"/demo/cards/{_serial(services)}/google")
+    assert response.status_code == 502
+    assert "refused" in response.get_data(as_text=True)
+
+
+# -- callbacks -----------------------------------------------------------------------------
+
+@pytest.fixture()
+def signer(standin) -> GoogleSigner:  # type: ignore[no-untyped-def]
+    google = GoogleSigner(ISSUER)
+    standin.root_keys_json = google.root_keys_document()
+    return google
+
+
+def _saved_object(client, services) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    serial = _serial(services)
+    _save(client, serial)
+    with services.db.session() as session:
+        return (session.scalar(select(GoogleClass.class_id)),
+                session.scalar(select(GoogleObject.object_id)))
+
+
+def _post(client, body: dict, issuer: str = ISSUER):  # type: ignore[no-untyped-def]
+    return client.post(f"/google/callback/{issuer}", data=json.dumps(body),
+                       content_type="application/json")
+
+
+def _state(services) -> tuple[bool, list[str]]:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        saved = session.scalar(select(GoogleObject.saved))
+        kinds = list(session.scalars(select(InstallEvent.kind).where(
+            InstallEvent.platform == "google", InstallEvent.kind.in_(("saved", "deleted")))
+            .order_by(InstallEvent.id)))
+    return saved, kinds
+
+
+def test_callbacks_flip_install_state_once_per_event(client, services, google, signer) -> None:  # type: ignore[no-untyped-def]
+    class_id, object_id = _saved_object(client, services)
+    now = int(time.time() * 1000)
+    save = signer.callback(class_id, object_id, "save", exp_time_millis=now + 60_000)
+    assert _post(client, save).status_code == 200
+    assert _state(services) == (True, ["saved"])
+    assert _post(client, save).status_code == 200  # Google delivers twice: a no-op
+    assert _state(services) == (True, ["saved"])
+
+    delete = signer.callback(class_id, object_id, "del", exp_time_millis=now + 120_000)
+    assert _post(client, delete).status_code == 200
+    assert _state(services) == (False, ["saved", "deleted"])
+
+    late_save = signer.callback(class_id, object_id, "save", exp_time_millis=now + 90_000)
+    assert _post(client, late_save).status_code == 200  # older than the del: logged only
+    saved, kinds = _state(services)
+    assert saved is False and kinds == ["saved", "deleted", "saved"]
+
+
+def test_unknown_event_types_are_acknowledged(client, services, google, signer) -> None:  # type: ignore[no-untyped-def]
+    class_id, object_id = _saved_object(client, services)
+    response = _post(client, signer.callback(class_id, object_id, "activation"))
+    assert response.status_code == 200
+    assert _state(services) == (False, [])
+
+
+@pytest.mark.parametrize("spoil", ["signedMessage", "signedKey", "signature"])
+def test_tampered_callbacks_are_refused(client, services, google, signer, spoil) -> None:  # type: ignore[no-untyped-def]
+    class_id, object_id = _saved_object(client, services)
+    response = _post(client, tampered(signer.callback(class_id, object_id, "save"), spoil))
+    assert response.status_code == 400
+    assert response.mimetype == "application/problem+json"
+    assert _state(services) == (False, [])
+
+
+def test_callback_for_another_issuer_is_refused(client, services, google, signer) -> None:  # type: ignore[no-untyped-def]
+    class_id, object_id = _saved_object(client, services)
+    body = signer.callback(class_id, object_id, "save", recipient_id="3388000000000000001")
+    assert _post(client, body).status_code == 400
+    assert _post(client, signer.callback(class_id, object_id), "not-a-number").status_code == 404
+    assert _state(services) == (False, [])
+
+
+def test_no_root_keys_means_retry_later(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    signer = GoogleSigner(ISSUER)  # its keys are not served: the stand-in answers 404
+    class_id, object_id = _saved_object(client, services)
+    response = _post(client, signer.callback(class_id, object_id))
+    assert response.status_code == 503
+    assert _state(services) == (False, [])
+
+
+def test_robots_lets_googlebot_reach_callbacks_only(client) -> None:  # type: ignore[no-untyped-def]
+    text = client.get("/robots.txt").get_data(as_text=True)
+    googlebot = text.split("User-agent: *")[0]
+    assert "User-agent: Googlebot" in googlebot and "Allow: /google/" in googlebot
+    assert urlsplit("https://x/google/callback/1").path.startswith("/google/")
+
+
+def test_google_check_command(runner, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    result = runner.invoke(args=["google", "check", "--tenant", "demo"])
+    assert result.exit_code == 0, result.output
+    assert google["client_email"] in result.output
+    standin.issuer_ids.clear()
+    result = runner.invoke(args=["google", "check", "--tenant", "demo"])
+    assert result.exit_code != 0
+    assert "add the service account" in result.output
+
+
+def test_a_class_change_is_patched_for_review(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    _save(client, _serial(services))
+    with services.db.transaction() as session:
+        program = session.scalar(select(Program).where(Program.slug == "rewards"))
+        program.name = "Aurore Rewards+"
+    _save(client, _serial(services, "C-1002"))
+    [patch] = [r for r in standin.api_requests("PATCH") if "/loyaltyClass/" in r.path]
+    # Google wants an edited class sent back for review; it stays usable meanwhile.
+    assert patch.body["reviewStatus"] == "UNDER_REVIEW"
+    assert patch.body["programName"] == "Aurore Rewards+"
+    [stored] = standin.objects["loyaltyClass"].values()
+    assert stored["programName"] == "Aurore Rewards+" and stored["reviewStatus"] == "APPROVED"

@@ -1,0 +1,134 @@
+"""The message catalogue: complete in every language, and every page string goes through it."""
+
+from __future__ import annotations
+
+import re
+import string
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from app import i18n
+
+TEMPLATES = Path(i18n.__file__).resolve().parent / "templates"
+#: People's pages: every visible word must come from the catalogue.
+LOCALIZED_PAGES = ("landing.html", "enroll.html", "details.html", "link_error.html",
+                   "_form_fields.html", "_brand.html")
+#: ``_("key")`` or ``_("key", name=...)``; composed keys (``"page." ~ key``) are tested apart.
+KEY_CALL = re.compile(r"""\b_\(\s*["']([A-Za-z0-9_.]+)["']\s*[,)]""")
+
+
+def placeholders(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+def test_every_language_has_every_key_with_the_same_placeholders() -> None:
+    reference = i18n.catalog("en")
+    assert len(reference) > 50
+    for lang in i18n.SUPPORTED:
+        messages = i18n.catalog(lang)
+        assert set(messages) == set(reference), (lang, set(reference) ^ set(messages))
+        for key, text in messages.items():
+            assert text.strip(), (lang, key)
+            assert placeholders(text) == placeholders(reference[key]), (lang, key)
+
+
+def test_translations_are_not_english_copies() -> None:
+    english = i18n.catalog("en")
+    for lang in ("fr", "cs", "de"):
+        same = [k for k, v in i18n.catalog(lang).items() if v == english[k]]
+        # Only brand-like words may stay identical ("(optional)" in German).
+        assert set(same) <= {"field.optional"}, (lang, same)
+
+
+def test_translate_formats_and_falls_back() -> None:
+    assert i18n.translate("fr", "landing.title", program="Aurore") == "Votre carte Aurore"
+    assert i18n.translate("de", "landing.title", program="Aurore") == "Ihre Karte für Aurore"
+    assert i18n.translate("xx", "button.apple") == "Add to Apple Wallet"
+    with pytest.raises(KeyError):
+        i18n.translate("en", "no.such.key")
+    assert i18n.translator("cs")("button.google") == "Přidat do Peněženky Google"
+
+
+@pytest.mark.parametrize("customer, header, expected", [
+    ("fr-FR", "en-US,en;q=0.9", "fr"),          # the customer's locale wins
+    ("cs_CZ", None, "cs"),
+    ("es-ES", "de-DE,de;q=0.9,en;q=0.5", "de"),  # unsupported own locale: the browser's
+    (None, "fr-CH, fr;q=0.9, en;q=0.8", "fr"),
+    (None, "en;q=0.2, cs;q=0.8", "cs"),          # quality values order the choice
+    (None, "es, it", "en"),                      # nothing supported: English
+    (None, "", "en"),
+    (None, "x" * 500, "en"),                     # garbage is not an error
+    ("", "de-AT", "de"),
+])
+def test_negotiate(customer: str | None, header: str | None, expected: str) -> None:
+    assert i18n.negotiate(customer, header) == expected
+
+
+def test_every_key_used_by_a_template_exists() -> None:
+    used: set[str] = set()
+    for path in TEMPLATES.glob("*.html"):
+        used |= set(KEY_CALL.findall(path.read_text(encoding="utf-8")))
+    assert {"button.apple", "button.google", "join.title", "landing.title"} <= used
+    missing = used - set(i18n.catalog("en"))
+    assert not missing, missing
+
+
+def test_every_key_built_at_run_time_exists() -> None:
+    """Keys templates compose (``"page." ~ key``, ``"field." ~ name``, error keys)."""
+    from app import enrollment
+    from app.web import links as pages
+
+    keys = {f"page.{key}.{part}" for key in pages.PAGE_KEYS for part in ("title", "text")}
+    keys |= {f"field.{name}" for name in ("email", *enrollment.FIELDS)}
+    keys |= {f"consent.{kind}" for kind in enrollment.KNOWN_CONSENTS}
+    keys |= set(pages.NOTICES.values())
+    source = Path(enrollment.__file__).read_text(encoding="utf-8")
+    keys |= set(re.findall(r'"(error\.[a-z_]+)"', source))
+    assert "error.consent_required" in keys and "page.csrf.title" in keys
+    assert keys - set(i18n.catalog("en")) == set()
+
+
+class _TextCollector(HTMLParser):
+    """Visible text and human-facing attributes, outside <style> and <script>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip = 0
+        self.texts: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("style", "script"):
+            self.skip += 1
+        for name, value in attrs:
+            if name in ("alt", "title", "placeholder", "aria-label") and value:
+                self.texts.append(value)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("style", "script"):
+            self.skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.texts.append(data)
+
+
+def _untranslated(source: str) -> list[str]:
+    # Jinja expressions and statements are code; what remains is literal page text.
+    literal = re.sub(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", " ", source, flags=re.S)
+    collector = _TextCollector()
+    collector.feed(literal)
+    return [t.strip() for t in collector.texts if re.search(r"[^\W\d_]{2,}", t)]
+
+
+@pytest.mark.parametrize("name", LOCALIZED_PAGES)
+def test_no_literal_words_on_localized_pages(name: str) -> None:
+    source = (TEMPLATES / name).read_text(encoding="utf-8")
+    assert _untranslated(source) == []
+
+
+def test_the_literal_text_check_can_fail() -> None:
+    assert _untranslated("<p>{{ _('button.apple') }}</p><p>Hello there</p>") == ["Hello there"]
+    assert _untranslated('<img alt="Logo">') == ["Logo"]
+    assert _untranslated("<style>body{color:red}</style><p>{{ x }} *</p>") == []

@@ -1,0 +1,635 @@
+"""People's pages through the Flask test client: landings per platform, wallet buttons,
+funnel events, link errors, enrollment (no enumeration), details forms, CSRF, honeypot,
+rate limits, headers, and no personal data in any URL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import jwt
+import pytest
+from sqlalchemy import func, select
+
+from app import links
+from app.models import (
+    Customer,
+    FunnelEvent,
+    LinkToken,
+    Program,
+    Tenant,
+    utcnow,
+)
+from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
+from tests.pkpass_check import verify_pkpass
+from tests.test_platforms import ANDROID_CHROME, DESKTOP_CHROME, IPAD_OLD, IPADOS, IPHONE_SAFARI
+
+SAVE_PREFIX = "https://pay.google.com/gp/v/save/"
+URL_ATTRIBUTES = re.compile(r'\b(?:href|src|action)="([^"]*)"')
+TOKEN_PATH = re.compile(r"^/l/([A-Za-z0-9_-]{32})$")
+PERSONAL_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
+                    "X-Robots-Tag": "noindex, nofollow"}
+CAMILLE = ("camille.martin@example.com", "Camille", "Martin", "C-1001")
+
+
+# -- fixtures and helpers ------------------------------------------------------------------
+
+@pytest.fixture()
+def standin() -> Iterator[GoogleStandin]:
+    with GoogleStandin() as server:
+        yield server
+
+
+@pytest.fixture()
+def google(settings, services, demo, standin, tmp_path):  # type: ignore[no-untyped-def]
+    """The demo tenant as a Google issuer against the stand-in; the service-account info."""
+    settings.google_api_url = standin.url
+    info, _ = standin.new_service_account()
+    path = tmp_path / "google-sa.json"
+    path.write_text(json.dumps(info))
+    with services.db.transaction() as session:
+        tenant = session.get(Tenant, demo["tenant_id"])
+        tenant.google_issuer_id, tenant.google_service_account_file = DEFAULT_ISSUER_ID, str(path)
+    return info
+
+
+def issue(services, demo, external_id: str | None = "C-1001", purpose: str = "download",  # type: ignore[no-untyped-def]
+          program: str = "rewards", **options) -> str:
+    with services.db.transaction(demo["tenant_id"]) as session:
+        row = session.get(Program, demo["program_ids"][program])
+        customer = None if external_id is None else session.scalar(
+            select(Customer).where(Customer.external_id == external_id))
+        return links.issue_token(session, row, customer, purpose, **options)
+
+
+def get(client, url: str, ua: str = IPHONE_SAFARI, lang: str = "en"):  # type: ignore[no-untyped-def]
+    return client.get(url, headers={"User-Agent": ua, "Accept-Language": lang})
+
+
+def html(response) -> str:  # type: ignore[no-untyped-def]
+    return response.get_data(as_text=True)
+
+
+def wallet_buttons(page: str) -> list[str]:
+    return re.findall(r'data-wallet="(apple|google)"', page)
+
+
+def button_url(page: str, wallet: str) -> str:
+    match = re.search(rf'data-wallet="{wallet}" href="([^"]+)"', page)
+    assert match, f"no {wallet} button"
+    return match.group(1)
+
+
+def events(services, kind: str | None = None) -> list[FunnelEvent]:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        query = select(FunnelEvent).order_by(FunnelEvent.id)
+        if kind:
+            query = query.where(FunnelEvent.kind == kind)
+        return list(session.scalars(query))
+
+
+def install_states(services) -> set[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    from app.models import CardInstallState
+
+    with services.db.session() as session:
+        return set(session.execute(select(CardInstallState.platform, CardInstallState.state)))
+
+
+def csrf_token(page: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, "no CSRF token on the page"
+    return match.group(1)
+
+
+def hidden(page: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"', page)
+    assert match, name
+    return match.group(1)
+
+
+def assert_no_personal_data(text: str, *secrets: str) -> None:
+    """No URL in the page (or header) carries an email, a name or an external id."""
+    urls = URL_ATTRIBUTES.findall(text) if "<" in text else [text]
+    assert urls
+    for url in urls:
+        for secret in secrets:
+            assert secret.lower() not in url.lower(), (secret, url)
+        assert "@" not in url and "%40" not in url, url
+
+
+def assert_personal_headers(response) -> None:  # type: ignore[no-untyped-def]
+    for name, value in PERSONAL_HEADERS.items():
+        assert response.headers.get(name) == value, (name, response.headers.get(name))
+
+
+# -- landing per platform -----------------------------------------------------------------
+
+@pytest.mark.parametrize("ua, platform, buttons, qr", [
+    (IPHONE_SAFARI, "apple", ["apple"], False),
+    (IPAD_OLD, "apple", ["apple"], False),
+    (ANDROID_CHROME, "google", ["google"], False),
+    (DESKTOP_CHROME, "desktop", ["apple", "google"], True),
+    (IPADOS, "desktop", ["apple", "google"], True),  # the page's script handles touch
+])
+def test_each_platform_gets_its_buttons(client, services, demo, google, ua, platform, buttons,  # type: ignore[no-untyped-def]
+                                        qr) -> None:
+    token = issue(services, demo, campaign="spring-24")
+    response = get(client, f"/l/{token}", ua)
+    assert response.status_code == 200
+    assert_personal_headers(response)
+    page = html(response)
+    assert wallet_buttons(page) == buttons
+    assert ("<svg" in page) is qr
+    assert_no_personal_data(page, *CAMILLE)
+    opened = events(services, "link_opened")
+    assert [(e.platform, e.campaign) for e in opened] == [(platform, "spring-24")]
+    assert opened[0].customer_id is not None and opened[0].card_id is not None
+    if platform != "desktop":
+        assert "/card?all=1" in page
+
+
+def test_ipad_script_only_for_mac_user_agents_and_allowed_by_the_csp(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    token = issue(services, demo)
+    mac = get(client, f"/l/{token}", IPADOS)
+    nonce = re.search(r"'nonce-([^']+)'", mac.headers["Content-Security-Policy"]).group(1)
+    assert f'<script nonce="{nonce}">' in html(mac) and "maxTouchPoints" in html(mac)
+    assert "<script" not in html(get(client, f"/l/{token}", DESKTOP_CHROME))
+
+
+def test_without_google_no_google_button_anywhere(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    token = issue(services, demo)
+    assert wallet_buttons(html(get(client, f"/l/{token}", DESKTOP_CHROME))) == ["apple"]
+    android = html(get(client, f"/l/{token}", ANDROID_CHROME))
+    assert wallet_buttons(android) == ["apple"] and "<svg" in android  # desktop layout
+    response = get(client, f"/l/{token}/google", ANDROID_CHROME)
+    assert response.status_code == 404
+    assert "Google Wallet is not available yet" in html(response)
+
+
+def test_page_language_follows_customer_then_browser(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    jiri = html(get(client, f"/l/{issue(services, demo, 'C-1002')}", lang="de"))
+    assert '<html lang="cs">' in jiri and "Přidat do Apple Wallet" in jiri
+    with services.db.transaction(demo["tenant_id"]) as session:
+        session.scalar(select(Customer).where(Customer.external_id == "C-1004")).locale = None
+    sam = html(get(client, f"/l/{issue(services, demo, 'C-1004')}", lang="de-AT,de;q=0.9"))
+    assert '<html lang="de">' in sam and "Zu Apple Wallet hinzufügen" in sam
+
+
+def test_branding_comes_from_the_template(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    page = html(get(client, f"/l/{issue(services, demo)}"))
+    assert "--brand-bg: #3a1c40;" in page and 'src="/google/images/loyalty/logo.png"' in page
+    with client.get("/google/images/loyalty/logo.png") as logo:
+        assert logo.status_code == 200 and logo.mimetype == "image/png"
+    club = html(get(client, f"/l/{issue(services, demo, program='club')}"))
+    assert "--brand-bg: #123456;" in club and "Nordhaven Club" in club
+
+
+# -- wallet buttons -----------------------------------------------------------------------
+
+def test_apple_button_serves_a_verified_pkpass(client, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    token = issue(services, demo, campaign="mail-1")
+    page = html(get(client, f"/l/{token}"))
+    response = get(client, button_url(page, "apple"))
+    assert response.status_code == 200
+    assert response.mimetype == "application/vnd.apple.pkpass"
+    assert response.headers["Content-Disposition"] == 'attachment; filename="rewards.pkpass"'
+    assert_personal_headers(response)
+    pass_json = verify_pkpass(response.data, services.settings.certs_path / "dev" / "root-ca.pem",
+                              tmp_path)
+    assert pass_json["barcodes"][0]["message"] == "C-1001"
+    [event] = events(services, "apple_downloaded")
+    assert (event.platform, event.campaign) == ("apple", "mail-1") and event.card_id
+    assert install_states(services) == {("apple", "downloaded")}  # segments and webhooks see it
+
+
+def test_google_button_redirects_to_a_save_link_signed_by_the_service_account(  # type: ignore[no-untyped-def]
+        client, services, demo, google) -> None:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    token = issue(services, demo, campaign="mail-2")
+    response = get(client, button_url(html(get(client, f"/l/{token}", ANDROID_CHROME)), "google"),
+                   ANDROID_CHROME)
+    assert response.status_code == 303
+    assert_personal_headers(response)
+    location = response.headers["Location"]
+    assert location.startswith(SAVE_PREFIX)
+    public_key = load_pem_private_key(google["private_key"].encode(), None).public_key()
+    claims = jwt.decode(location[len(SAVE_PREFIX):], public_key, algorithms=["RS256"],
+                        audience="google")
+    assert claims["iss"] == google["client_email"] and claims["typ"] == "savetowallet"
+    assert claims["origins"] == ["https://wallet.example.test"]
+    [saved] = claims["payload"]["loyaltyObjects"]
+    assert saved["id"].startswith(DEFAULT_ISSUER_ID + ".")
+    [event] = events(services, "google_opened")
+    assert (event.platform, event.campaign) == ("google", "mail-2")
+    assert install_states(services) == {("google", "downloaded")}
+
+
+def test_google_unreachable_is_a_friendly_retry_page(client, services, demo, google,  # type: ignore[no-untyped-def]
+                                                     standin) -> None:
+    standin.fail_next("/walletobjects/v1/", 503, times=50)
+    response = get(client, f"/l/{issue(services, demo)}/google", ANDROID_CHROME, lang="fr")
+    assert response.status_code == 503
+    assert "Google Wallet est injoignable" in html(response)
+    assert events(services, "google_opened") == []
+
+
+# -- link errors --------------------------------------------------------------------------
+
+def _tampered(token: str) -> str:
+    return token[:-1] + ("A" if token[-1] != "A" else "B")
+
+
+@pytest.mark.parametrize("case, status, title", [
+    ("unknown", 403, "Ce lien ne fonctionne pas"),
+    ("tampered", 403, "Ce lien ne fonctionne pas"),
+    ("malformed", 403, "Ce lien ne fonctionne pas"),
+    ("expired", 410, "Ce lien a expiré"),
+    ("revoked", 410, "Ce lien n’est plus actif"),
+    ("used_up", 410, "Ce lien a déjà été utilisé"),
+])
+def test_bad_links_get_friendly_localized_pages(client, services, demo, case, status,  # type: ignore[no-untyped-def]
+                                                title) -> None:
+    token = issue(services, demo, max_uses=1)
+    if case == "unknown":
+        token = links.new_token()
+    elif case == "tampered":
+        token = _tampered(token)
+    elif case == "malformed":
+        token = "short"
+    elif case == "expired":
+        with services.db.transaction() as session:
+            session.execute(LinkToken.__table__.update().values(
+                expires_at=utcnow() - dt.timedelta(seconds=1)))
+    elif case == "revoked":
+        with services.db.transaction() as session:
+            links.revoke_tokens(session, tenant_id=demo["tenant_id"], token=token)
+    elif case == "used_up":
+        assert get(client, f"/l/{token}").status_code == 200
+    for path in ("", "/apple", "/google", "/card"):
+        response = get(client, f"/l/{token}{path}", lang="fr-FR,fr;q=0.9")
+        assert response.status_code == status, path
+        if path == "":
+            assert title in html(response) and '<html lang="fr">' in html(response)
+            assert_personal_headers(response)
+
+
+def test_a_use_is_an_opening_and_its_page_keeps_working(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    token = issue(services, demo, max_uses=1)
+    page = html(get(client, f"/l/{token}", DESKTOP_CHROME))
+    apple_url = button_url(page, "apple")
+    continuation = TOKEN_PATH.match(apple_url.rsplit("/", 1)[0]).group(1)
+    assert continuation != token
+    assert get(client, apple_url).status_code == 200
+    assert get(client, apple_url).status_code == 200  # button presses are not uses
+    assert get(client, f"/l/{token}").status_code == 410  # the original is used up
+    assert get(client, f"/l/{continuation}").status_code == 200  # the QR code's link works
+    with services.db.session() as session:
+        uses = dict(session.execute(select(LinkToken.max_uses, LinkToken.uses)).all())
+    assert uses == {1: 1, None: 1}
+
+
+def test_unlimited_links_are_not_multiplied(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    token = issue(services, demo)
+    page = html(get(client, f"/l/{token}", DESKTOP_CHROME))
+    assert button_url(page, "apple") == f"/l/{token}/apple"
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(LinkToken)) == 1
+
+
+def test_enrollment_links_have_no_card(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    token = issue(services, demo, None, "enroll")
+    assert get(client, f"/l/{token}/apple").status_code == 404
+
+
+# -- signed links -------------------------------------------------------------------------
+
+def _signed(services, demo, external_id: str = "C-1001", purpose: str = "download",  # type: ignore[no-untyped-def]
+            expires: int | None = None) -> str:
+    with services.db.session() as session:
+        tenant = session.get(Tenant, demo["tenant_id"])
+        program = session.get(Program, demo["program_ids"]["rewards"])
+        url = links.signed_url("https://wallet.example.test", tenant, program, external_id,
+                               purpose, expires or int(utcnow().timestamp()) + 3600)
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}"
+
+
+def test_signed_link_is_exchanged_for_a_token_link(client, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    response = get(client, _signed(services, demo) + "&campaign=klaviyo-may")
+    assert response.status_code == 303
+    assert_personal_headers(response)
+    location = response.headers["Location"]
+    assert TOKEN_PATH.match(location) and "C-1001" not in location
+    page = get(client, location)
+    assert page.status_code == 200 and wallet_buttons(html(page)) == ["apple"]
+    assert [e.campaign for e in events(services, "link_opened")] == ["klaviyo-may"]
+    direct = get(client, _signed(services, demo).replace("/s?", "/s/apple?"))
+    assert direct.status_code == 200 and direct.mimetype == "application/vnd.apple.pkpass"
+
+
+@pytest.mark.parametrize("case, status", [("tampered", 403), ("expired", 410),
+                                          ("unknown_customer", 403), ("missing", 403)])
+def test_bad_signed_links(client, services, demo, case, status) -> None:  # type: ignore[no-untyped-def]
+    url = _signed(services, demo, "C-9999" if case == "unknown_customer" else "C-1001")
+    if case == "tampered":
+        url = url.replace("C-1001", "C-1002")
+    elif case == "expired":
+        url = re.sub(r"expires=\d+", "expires=1000", url)  # also breaks the signature...
+        with services.db.session() as session:
+            tenant = session.get(Tenant, demo["tenant_id"])
+            program = session.get(Program, demo["program_ids"]["rewards"])
+            canonical = links.canonical_string(tenant.slug, program.slug, "C-1001", "download",
+                                               1000)
+            url = re.sub(r"sig=[0-9a-f]+", f"sig={links.sign(tenant.link_secret, canonical)}",
+                         url)  # ...so it is signed again, already expired
+    elif case == "missing":
+        url = url.split("&sig=")[0]
+    for path in (url, url.replace("/s?", "/s/apple?"), url.replace("/s?", "/s/google?")):
+        response = get(client, path, lang="cs")
+        assert response.status_code == status, path
+        assert '<html lang="cs">' in html(response)
+
+
+# -- enrollment ---------------------------------------------------------------------------
+
+def _join_form(client, path: str = "/join/demo/rewards", lang: str = "en") -> dict[str, str]:  # type: ignore[no-untyped-def]
+    response = get(client, path, lang=lang)
+    assert response.status_code == 200
+    assert_personal_headers(response)
+    page = html(response)
+    return {"csrf_token": csrf_token(page), "lang": hidden(page, "lang"),
+            "texts": hidden(page, "texts"), "campaign": hidden(page, "campaign")}
+
+
+def _enroll(client, email: str, path: str = "/join/demo/rewards", **fields: str):  # type: ignore[no-untyped-def]
+    form = _join_form(client, path)
+    form.update({"email": email, "first_name": "Noor", "last_name": "Haddad",
+                 "consent_terms": "yes", **fields})
+    return client.post(path, data=form, headers={"User-Agent": IPHONE_SAFARI})
+
+
+def _skeleton(page: str) -> str:
+    """A page with its random parts (tokens, nonces, CSRF) blanked: its structure."""
+    page = re.sub(r"/l/[A-Za-z0-9_-]{32}", "/l/TOKEN", page)
+    page = re.sub(r'nonce="[^"]+"', 'nonce="N"', page)
+    return re.sub(r'name="csrf_token" value="[^"]+"', "CSRF", page)
+
+
+def test_enrollment_end_to_end_gives_the_card_buttons(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    get(client, "/join/demo/rewards?campaign=instore-qr")
+    form = _join_form(client, "/join/demo/rewards?campaign=instore-qr")
+    assert form["campaign"] == "instore-qr"
+    response = client.post("/join/demo/rewards", data={
+        **form, "email": "Noor.Haddad@Example.org", "first_name": "Noor", "consent_terms": "yes"},
+        headers={"User-Agent": IPHONE_SAFARI})
+    assert response.status_code == 303
+    assert_personal_headers(response)
+    location = response.headers["Location"]
+    assert re.fullmatch(r"/l/[A-Za-z0-9_-]{32}\?done=welcome", location)
+    landing = get(client, location)
+    page = html(landing)
+    assert "Welcome! Your card is ready." in page and wallet_buttons(page) == ["apple"]
+    assert_no_personal_data(page, "noor", "haddad", "px_")
+    assert get(client, button_url(page, "apple")).status_code == 200
+    with services.db.session() as session:
+        customer = session.scalar(select(Customer).where(Customer.email == "noor.haddad@example.org"))
+        assert customer is not None and customer.first_name == "Noor"
+    kinds = [(e.kind, e.campaign) for e in events(services)]
+    assert kinds == [("link_opened", "instore-qr"), ("link_opened", "instore-qr"),
+                     ("enrolled", "instore-qr"), ("link_opened", "instore-qr"),
+                     ("apple_downloaded", "instore-qr")]
+
+
+def test_known_and_new_emails_are_indistinguishable(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    new = _enroll(client, "someone.new@example.org")
+    known = _enroll(client, "camille.martin@example.com")
+    assert new.status_code == known.status_code == 303
+    shape = r"/l/[A-Za-z0-9_-]{32}\?done=welcome"
+    assert re.fullmatch(shape, new.headers["Location"])
+    assert re.fullmatch(shape, known.headers["Location"])
+    assert sorted(new.headers.keys()) == sorted(known.headers.keys())
+    new_page, known_page = (get(client, r.headers["Location"]) for r in (new, known))
+    assert new_page.status_code == known_page.status_code == 200
+    assert _skeleton(html(new_page)) == _skeleton(html(known_page))
+    # Nothing of Camille's reached the page, and her record is unchanged.
+    assert_no_personal_data(html(known_page), *CAMILLE)
+    assert "1280" not in html(known_page) and "Gold" not in html(known_page)
+    with services.db.session() as session:
+        camille = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+        assert camille.first_name == "Camille" and camille.last_name == "Martin"
+    assert [e.kind for e in events(services) if e.kind in ("enrolled", "link_requested")] == \
+        ["enrolled", "link_requested"]
+
+
+def test_form_errors_are_localized_and_linked_to_their_inputs(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    form = _join_form(client, lang="cs")
+    response = client.post("/join/demo/rewards", data={**form, "email": "bad", "first_name": "N"})
+    assert response.status_code == 422
+    page = html(response)
+    assert '<html lang="cs">' in page and "Zadejte e-mailovou adresu" in page
+    assert re.search(r'id="f-email"[^>]*aria-invalid="true"', page, re.S)
+    assert re.search(r'id="f-email"[^>]*aria-describedby="f-email-hint f-email-error"', page, re.S)
+    assert 'id="f-email-error"' in page and 'id="c-terms-error"' in page
+    assert 'value="bad"' in page  # what the person typed is kept
+    assert '<label for="f-email">' in page and '<label for="c-terms">' in page
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Customer)) == 5
+
+
+def test_post_without_csrf_token_is_refused(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    _join_form(client)  # a session exists, the token is just not sent
+    response = client.post("/join/demo/rewards", headers={"Accept-Language": "de"},
+                           data={"email": "a@example.org", "consent_terms": "yes"})
+    assert response.status_code == 400
+    assert "Dieses Formular ist abgelaufen" in html(response)
+    assert_personal_headers(response)
+    forged = client.post("/join/demo/rewards", data={
+        "email": "a@example.org", "consent_terms": "yes", "csrf_token": "forged"})
+    assert forged.status_code == 400
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Customer)) == 5
+
+
+def test_honeypot_pretends_success_and_stores_nothing(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    response = _enroll(client, "bot@example.org", website="http://spam.example")
+    assert response.status_code == 303
+    assert re.fullmatch(r"/l/[A-Za-z0-9_-]{32}\?done=welcome", response.headers["Location"])
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Customer)) == 5
+        assert session.scalar(select(func.count()).select_from(LinkToken)) == 0
+
+
+def test_changed_consent_wording_is_shown_again_before_it_is_stored(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    form = _join_form(client)
+    with services.db.transaction(demo["tenant_id"]) as session:
+        session.get(Program, demo["program_ids"]["rewards"]).forms = {"consents": [
+            {"kind": "terms", "required": True, "text": {"en": "New terms, read them."}}]}
+    response = client.post("/join/demo/rewards", data={**form, "email": "n@example.org",
+                                                       "consent_terms": "yes"})
+    assert response.status_code == 409
+    assert "This form changed while you were filling it in" in html(response)
+    assert "New terms, read them." in html(response)
+    with services.db.session() as session:
+        assert session.scalar(select(func.count()).select_from(Customer)) == 5
+
+
+def test_enrollment_posts_are_rate_limited(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    form = _join_form(client)
+    statuses = [client.post("/join/demo/rewards", data={**form, "email": "x"}).status_code
+                for _ in range(11)]
+    assert statuses == [422] * 10 + [429]
+    limited = client.post("/join/demo/rewards", data=form, headers={"Accept-Language": "fr"})
+    assert limited.status_code == 429 and "Trop de tentatives" in html(limited)
+    assert get(client, "/join/demo/rewards").status_code == 200  # reading the form is not
+
+
+def test_unknown_program_or_tenant_is_a_friendly_404(client, demo) -> None:  # type: ignore[no-untyped-def]
+    for path in ("/join/demo/nope", "/join/nobody/rewards"):
+        response = get(client, path, lang="de")
+        assert response.status_code == 404 and "Seite nicht gefunden" in html(response)
+
+
+def test_enroll_link_carries_its_campaign(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    token = issue(services, demo, None, "enroll", campaign="newsletter-5", max_uses=3)
+    page = html(get(client, f"/l/{token}"))
+    action = re.search(r'<form method="post" action="([^"]+)"', page).group(1)
+    response = client.post(action, data={
+        "csrf_token": csrf_token(page), "lang": "en", "texts": hidden(page, "texts"),
+        "email": "via.link@example.org", "consent_terms": "yes"})
+    assert response.status_code == 303
+    assert [(e.kind, e.campaign) for e in events(services) if e.kind == "enrolled"] == \
+        [("enrolled", "newsletter-5")]
+
+
+# -- details and consent ------------------------------------------------------------------
+
+def test_enrich_link_prefills_saves_and_shows_the_card(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    with services.db.transaction(demo["tenant_id"]) as session:
+        session.get(Program, demo["program_ids"]["rewards"]).forms = {
+            "fields": {"phone": "optional"}}
+    token = issue(services, demo, purpose="enrich", max_uses=1)
+    response = get(client, f"/l/{token}")
+    page = html(response)
+    assert response.status_code == 200 and 'value="Camille"' in page
+    assert_no_personal_data(page, *CAMILLE)
+    action = re.search(r'<form method="post" action="([^"]+)"', page).group(1)
+    assert hidden(page, "lang") == "fr"  # Camille's own language
+    saved = client.post(action, data={
+        "csrf_token": csrf_token(page), "lang": "fr", "texts": hidden(page, "texts"),
+        "first_name": "Camille", "last_name": "Martin-Roy", "phone": "+33 6 12 34 56 78",
+        "consent_marketing_email": "yes", "consent_terms": "yes"})
+    assert saved.status_code == 303 and saved.headers["Location"] == f"{action}/card?done=saved"
+    card_page = html(get(client, saved.headers["Location"]))
+    assert "Merci, vos informations sont enregistrées." in card_page
+    assert wallet_buttons(card_page) == ["apple"]
+    with services.db.session() as session:
+        camille = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+        assert (camille.last_name, camille.phone) == ("Martin-Roy", "+33 6 12 34 56 78")
+    assert [e.kind for e in events(services)] == ["link_opened", "enriched"]
+
+
+def test_consent_link_shows_only_consents(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    token = issue(services, demo, "C-1003", purpose="consent")
+    page = html(get(client, f"/l/{token}", lang="en"))
+    assert "Ihre Einwilligungen" in page and 'name="first_name"' not in page
+    bad = client.post(f"/l/{token}", data={"csrf_token": csrf_token(page), "lang": "de",
+                                           "texts": hidden(page, "texts")})
+    assert bad.status_code == 422 and "Bitte stimmen Sie zu" in html(bad)
+    good = client.post(f"/l/{token}", data={"csrf_token": csrf_token(page), "lang": "de",
+                                            "texts": hidden(page, "texts"),
+                                            "consent_terms": "yes"})
+    assert good.status_code == 303
+    assert [e.kind for e in events(services)] == ["link_opened", "consented"]
+
+
+def test_download_links_take_no_form_posts(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    token = issue(services, demo)
+    page = html(get(client, "/join/demo/rewards"))
+    response = client.post(f"/l/{token}", data={"csrf_token": csrf_token(page)})
+    assert response.status_code == 405
+
+
+# -- CSRF coverage ------------------------------------------------------------------------
+
+def test_people_forms_need_csrf_and_machine_endpoints_do_not(app) -> None:  # type: ignore[no-untyped-def]
+    from app.web.csrf import csrf
+
+    forms, machines = set(), set()
+    for rule in app.url_map.iter_rules():
+        if "POST" not in (rule.methods or ()) or rule.endpoint == "static":
+            continue
+        blueprint = rule.endpoint.rsplit(".", 1)[0]
+        exempt = app.blueprints.get(blueprint) in csrf._exempt_blueprints  # Flask-WTF's own set
+        (machines if exempt else forms).add(rule.rule)
+    assert {"/join/<tenant_slug>/<program_slug>", "/l/<token>"} <= forms
+    assert "/passkit/v1/log" in machines and "/google/callback/<issuer_id>" in machines
+    assert not any(rule.startswith(("/passkit/", "/google/", "/api/")) for rule in forms), forms
+
+
+# -- CRM freshness, logs ------------------------------------------------------------------
+
+def test_crm_down_with_a_stale_copy_is_a_retry_page_and_counts_no_use(  # type: ignore[no-untyped-def]
+        client, services, demo, monkeypatch) -> None:
+    from app.models import CrmConnection
+    from tests.crm_standin import CrmStandin
+
+    monkeypatch.setenv("PASSERELLE_TEST_LANDING_CRM", "Bearer t")
+    with CrmStandin(auth_value="Bearer t") as crm:
+        with services.db.transaction(demo["tenant_id"]) as session:
+            session.add(CrmConnection(
+                tenant_id=demo["tenant_id"], kind="http", base_url=crm.url,
+                auth_header="Authorization", auth_value_env="PASSERELLE_TEST_LANDING_CRM",
+                mapping={"external_id": "id", "email": "contact.email"},
+                max_staleness_seconds=0, timeout_seconds=1))
+        crm.down("503")
+        token = issue(services, demo, max_uses=1)
+        response = get(client, f"/l/{token}", lang="fr")
+        assert response.status_code == 503
+        assert "Veuillez réessayer dans quelques minutes" in html(response)
+        assert_personal_headers(response)
+        crm.up()
+        crm.add({"id": "C-1001", "contact": {"email": "camille.martin@example.com"}})
+        assert get(client, f"/l/{token}").status_code == 200  # the failed open did not count
+
+
+def test_no_personal_data_or_token_in_log_lines(client, services, demo, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    token = issue(services, demo, max_uses=1)
+    get(client, f"/l/{token}")
+    get(client, f"/l/{token}")  # used up: logged
+    get(client, f"/l/{_tampered(token)}")
+    _enroll(client, "camille.martin@example.com")  # known: logged as held
+    _enroll(client, "fresh.person@example.org", website="x")  # honeypot: logged
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "held" in text and "honeypot" in text and "use limit" in text
+    for secret in (token, _tampered(token), "camille", "fresh.person", "Martin", "Noor"):
+        assert secret.lower() not in text.lower(), secret
+
+
+def test_a_signed_link_visit_reads_the_crm_once(client, services, demo, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from app.models import CrmConnection
+    from tests.crm_standin import CrmStandin
+
+    monkeypatch.setenv("PASSERELLE_TEST_LANDING_CRM", "Bearer t")
+    with CrmStandin(auth_value="Bearer t") as crm:
+        crm.add({"id": "C-1001", "contact": {"email": "camille.martin@example.com",
+                                             "first_name": "Camille"}})
+        with services.db.transaction(demo["tenant_id"]) as session:
+            session.add(CrmConnection(
+                tenant_id=demo["tenant_id"], kind="http", base_url=crm.url,
+                auth_header="Authorization", auth_value_env="PASSERELLE_TEST_LANDING_CRM",
+                mapping={"external_id": "id", "email": "contact.email",
+                         "first_name": "contact.first_name"},
+                max_staleness_seconds=60, timeout_seconds=1))
+        location = get(client, _signed(services, demo)).headers["Location"]
+        assert get(client, location).status_code == 200
+        reads = [r for r in crm.log if r.method == "GET" and r.path == "/customers/C-1001"]
+        assert len(reads) == 1
+        assert get(client, f"/l/{issue(services, demo)}").status_code == 200
+        assert len([r for r in crm.log if r.method == "GET"]) == 1  # still fresh: not read again
