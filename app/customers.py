@@ -24,11 +24,12 @@ from typing import Any
 
 from babel import Locale, UnknownLocaleError
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import webhooks_out
-from app.models import Consent, Customer
+from app.models import Consent, CurrentConsent, Customer, utcnow
 
 STANDARD_FIELDS = ("email", "first_name", "last_name", "locale", "phone", "birthday")
 CONSENT_PREFIX = "consent_"
@@ -112,17 +113,37 @@ def apply_changes(customer: Customer, values: dict[str, Any], attributes: dict[s
 
 
 def record_consent(session: Session, customer: Customer, kind: str, granted: bool, source: str,
-                   text: str | None = None) -> bool:
-    """Append a consent decision unless it repeats the current one."""
+                   text: str | None = None, *, recorded_at: dt.datetime | None = None) -> bool:
+    """Append a consent decision unless it repeats the current one.
+
+    ``recorded_at``: when the decision was made, if not now (e.g. a migrated history).
+    """
     current = customer.current_consents().get(kind)
     if current is not None and current.granted == granted:
         return False
     consent = Consent(tenant_id=customer.tenant_id, kind=kind, granted=granted, source=source,
-                      text=text)
+                      text=text, recorded_at=recorded_at or utcnow())
     customer.consents.append(consent)
     session.add(consent)
+    session.flush()
+    _keep_current(session, consent)
     webhooks_out.consent_recorded(session, customer, consent)  # no-op without subscribers
     return True
+
+
+def _keep_current(session: Session, consent: Consent) -> None:
+    """Make ``consent`` the customer's current decision of its kind, unless a later one
+    is already there (two requests deciding at once: the later decision stays)."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    statement = insert(CurrentConsent).values(
+        tenant_id=consent.tenant_id, customer_id=consent.customer_id, kind=consent.kind,
+        granted=consent.granted, recorded_at=consent.recorded_at, consent_id=consent.id)
+    session.execute(statement.on_conflict_do_update(
+        index_elements=[CurrentConsent.customer_id, CurrentConsent.kind],
+        set_={"granted": statement.excluded.granted,
+              "recorded_at": statement.excluded.recorded_at,
+              "consent_id": statement.excluded.consent_id},
+        where=CurrentConsent.recorded_at <= statement.excluded.recorded_at))
 
 
 # -- CSV import -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ goes through such a session can read another tenant's rows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -72,7 +73,10 @@ class Database:
 
 def _make_engine(url: str, *, echo: bool) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, echo=echo, connect_args={"timeout": 30})
+        # JSON stored as UTF-8, not \u-escaped: SQLite's JSON paths compare keys as
+        # stored, so "$.\"fidélité\"" would never find an escaped key.
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 30},
+                               json_serializer=_json_utf8)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -83,6 +87,10 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
 
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True)
+
+
+def _json_utf8(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 @event.listens_for(Session, "do_orm_execute")

@@ -160,7 +160,8 @@ def _locked_state(session: Session, card: Card, platform: str) -> tuple[CardInst
     try:
         with session.begin_nested():
             row = CardInstallState(tenant_id=card.tenant_id, card_id=card.id,
-                                   program_id=card.program_id, platform=platform,
+                                   program_id=card.program_id, customer_id=card.customer_id,
+                                   platform=platform,
                                    state="downloaded", device_count=0, last_event_id=0)
             session.add(row)
         return row, True
@@ -254,10 +255,10 @@ def wallet_status(session: Session, customer_ids: Iterable[int], *,
     ids = list(dict.fromkeys(customer_ids))
     result = {customer_id: empty_status() for customer_id in ids}
     for start in range(0, len(ids), 1000):
-        query = (select(Card.customer_id, CardInstallState.platform, CardInstallState.state,
-                        CardInstallState.device_count, CardInstallState.first_installed_at)
-                 .join(Card, Card.id == CardInstallState.card_id)
-                 .where(Card.customer_id.in_(ids[start:start + 1000])))
+        query = (select(CardInstallState.customer_id, CardInstallState.platform,
+                        CardInstallState.state, CardInstallState.device_count,
+                        CardInstallState.first_installed_at)
+                 .where(CardInstallState.customer_id.in_(ids[start:start + 1000])))
         if program_id is not None:
             query = query.where(CardInstallState.program_id == program_id)
         for customer_id, platform, state, devices, installed_at in session.execute(query):
@@ -359,15 +360,17 @@ def _rebuild_chunk(session: Session, card_ids: list[int]) -> int:
                    InstallEvent.kind, InstallEvent.device, InstallEvent.occurred_at)
             .where(InstallEvent.card_id.in_(card_ids))):
         events[(card_id, platform)].append(LoggedEvent(*rest))
-    cards = {card_id: (tenant, program) for card_id, tenant, program in session.execute(
-        select(Card.id, Card.tenant_id, Card.program_id).where(Card.id.in_(card_ids)))}
+    cards = {card_id: (tenant, program, customer)
+             for card_id, tenant, program, customer in session.execute(
+                 select(Card.id, Card.tenant_id, Card.program_id, Card.customer_id)
+                 .where(Card.id.in_(card_ids)))}
     for key, logged in events.items():
         card_id, platform = key
         row = rows.pop(key, None)
         if row is None:
-            tenant, program = cards[card_id]
+            tenant, program, customer = cards[card_id]
             row = CardInstallState(tenant_id=tenant, card_id=card_id, program_id=program,
-                                   platform=platform)
+                                   customer_id=customer, platform=platform)
             session.add(row)
         _apply(row, derive(platform, logged))
     for stale in rows.values():  # a state without any event of its platform

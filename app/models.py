@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.mutable import MutableDict
@@ -205,8 +206,11 @@ class Customer(TenantOwned, Base):
     def current_consents(self) -> dict[str, Consent]:
         """The latest consent record per kind (records are append-only history)."""
         latest: dict[str, Consent] = {}
-        for consent in self.consents:
-            latest[consent.kind] = consent
+        for consent in self.consents:  # in time order once loaded; appended ones last
+            held = latest.get(consent.kind)
+            if (held is None or consent.recorded_at is None or held.recorded_at is None
+                    or consent.recorded_at >= held.recorded_at):
+                latest[consent.kind] = consent
         return latest
 
     def __repr__(self) -> str:
@@ -219,10 +223,6 @@ class Consent(TenantOwned, Base):
     __tablename__ = "consents"
     __table_args__ = (
         Index("ix_consents_customer_kind", "customer_id", "kind", "recorded_at"),
-        # Segments filter a whole program on "latest marketing_email decision is a grant":
-        # this one lets PostgreSQL answer from the index alone.
-        Index("ix_consents_kind_customer", "kind", "customer_id", "recorded_at",
-              postgresql_include=["granted"]),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -234,6 +234,29 @@ class Consent(TenantOwned, Base):
     text: Mapped[str | None] = mapped_column(Text)  # the exact wording shown, if any
 
     customer: Mapped[Customer] = relationship(back_populates="consents")
+
+
+class CurrentConsent(TenantOwned, Base):
+    """Each customer's latest decision per consent kind, kept by ``customers.record_consent``.
+
+    Derived from the history in ``consents`` (migration 0008 backfills it), so that a
+    segment over a million customers filters on one row per customer instead of
+    working out "latest record is a grant" from the whole history.
+    """
+
+    __tablename__ = "current_consents"
+    __table_args__ = (
+        # The consented audience of a tenant, in customer order, from the index alone.
+        Index("ix_current_consents_granted", "tenant_id", "kind", "customer_id",
+              postgresql_where=text("granted"), sqlite_where=text("granted")),
+    )
+
+    customer_id: Mapped[int] = mapped_column(
+        ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), primary_key=True)
+    granted: Mapped[bool] = mapped_column(Boolean)
+    recorded_at: Mapped[dt.datetime]
+    consent_id: Mapped[int] = mapped_column(ForeignKey("consents.id", ondelete="CASCADE"))
 
 
 class Card(TenantOwned, Base):
@@ -514,12 +537,19 @@ class CardInstallState(TenantOwned, Base):
     __table_args__ = (
         UniqueConstraint("card_id", "platform"),
         Index("ix_card_install_states_program_state", "program_id", "platform", "state"),
+        # Segments: "customers with (or without) such a state in this program", probed per
+        # customer or read whole in customer order from the index alone.
+        Index("ix_card_install_states_program_customer", "program_id", "customer_id"),
+        Index("ix_card_install_states_program_state_customer", "program_id", "state",
+              "customer_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"))
-    # Copied from the card so segment counts need no join on millions of rows.
+    # Both copied from the card (which never changes hands) so segment counts need no
+    # join through cards on millions of rows.
     program_id: Mapped[int] = mapped_column(ForeignKey("programs.id", ondelete="CASCADE"))
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
     platform: Mapped[str] = mapped_column(String(16))  # apple | google
     state: Mapped[str] = mapped_column(String(16))  # downloaded | installed | removed
     device_count: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,11 +1,12 @@
 """Segments for marketers: a program's customers filtered by install state and data.
 
-A segment is a typed filter (:class:`Segment`) turned into one SQL query over
-``customers``, with ``EXISTS`` / ``NOT EXISTS`` probes into
-``card_install_states`` (through the card), ``link_tokens`` and ``consents``.
-That shape lets PostgreSQL pick hash semi/anti joins for counts over a million
-customers, and index probes per customer for a keyset page (``id > cursor
-ORDER BY id LIMIT n``), which is how exports stream in constant memory.
+A segment is a typed filter (:class:`Segment`) turned into one SQL query with
+``EXISTS`` / ``NOT EXISTS`` probes into ``card_install_states`` (by program and
+customer), ``link_tokens`` and ``current_consents``. Counts draw from the
+consented audience (``current_consents``) or the tenant's customers, so
+PostgreSQL can pick hash or merge semi/anti joins over a million rows; pages
+list ``customers`` by keyset (``id > cursor ORDER BY id LIMIT n``) with index
+probes per customer, which is how exports stream in constant memory.
 
 A program's audience is its tenant's customers: cards are issued on first
 download, so "never downloaded" includes customers without a card.
@@ -20,8 +21,9 @@ Install states partition the audience per customer, over both platforms:
 - ``not-installed``: everything but ``installed-any``: the "resend" audience.
 
 Consent: unless ``include_without_consent``, only customers whose *current*
-``marketing_email`` consent (the latest record of that kind) is granted are
-counted, listed and exported, so a count is the number of rows an export gives.
+``marketing_email`` consent (the latest record of that kind, kept in
+``current_consents``) is granted are counted, listed and exported, so a count
+is the number of rows an export gives.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TextIO
@@ -36,7 +39,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 from sqlalchemy import (
     ColumnElement,
     Float,
-    Numeric,
     Select,
     and_,
     case,
@@ -47,10 +49,11 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.orm import Session, aliased, load_only
+from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
+from sqlalchemy.orm import Session, load_only
 
 from app import install_state
-from app.models import Card, CardInstallState, Consent, Customer, LinkToken, Program
+from app.models import CardInstallState, CurrentConsent, Customer, LinkToken, Program
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -167,30 +170,21 @@ def attribute_names(program: Program) -> tuple[str, str]:
     return str(mapping.get("tier", "tier")), str(mapping.get("points", "points"))
 
 
-_POSITIVE = ("installed-apple", "installed-google", "installed-any", "removed",
-             "downloaded-not-installed")
-
-
-def _state_row(card_id: ColumnElement[int], program_id: int,
+def _has_state(customer_id: ColumnElement[int], program_id: int,
                *conditions: ColumnElement[bool]) -> ColumnElement[bool]:
-    """The card has a state row in this program matching ``conditions``."""
-    return exists().where(CardInstallState.card_id == card_id,
+    """The customer has an install state row in this program matching ``conditions``."""
+    return exists().where(CardInstallState.customer_id == customer_id,
                           CardInstallState.program_id == program_id, *conditions)
 
 
-def _card_state(program_id: int, *conditions: ColumnElement[bool]) -> ColumnElement[bool]:
-    """Per customer (correlated on ``customers.id``): their card has such a state row."""
-    card = aliased(Card)
-    return exists().where(card.customer_id == Customer.id, card.program_id == program_id,
-                          CardInstallState.card_id == card.id,
-                          CardInstallState.program_id == program_id, *conditions)
-
-
-def _state_conditions(state: str | None,
-                      has: Callable[..., ColumnElement[bool]]) -> list[ColumnElement[bool]]:
-    """``has(*conditions)`` says "a state row matching these exists" for the driving row."""
+def _state_conditions(state: str | None, customer_id: ColumnElement[int],
+                      program_id: int) -> list[ColumnElement[bool]]:
     if state is None:
         return []
+
+    def has(*conditions: ColumnElement[bool]) -> ColumnElement[bool]:
+        return _has_state(customer_id, program_id, *conditions)
+
     installed = has(CardInstallState.state == "installed")
     if state in ("installed-apple", "installed-google"):
         return [has(CardInstallState.platform == state.removeprefix("installed-"),
@@ -209,47 +203,54 @@ def _state_conditions(state: str | None,
 
 def _consented(customer_id: ColumnElement[int], kind: str,
                after: int | None = None) -> ColumnElement[bool]:
-    """The customer's latest consent of this kind says yes (records are history).
-
-    Written as "some grant, and no withdrawal without a later grant" rather than
-    by ranking every record per customer: the database hashes the grants and
-    anti-joins the (few) withdrawals. A withdrawal at the very same instant as
-    a grant wins. ``after`` repeats a keyset page's lower bound on customer ids
-    here, so a merge join starts its index scan there instead of at the first
-    customer (without it, every page was slower than the one before).
-    """
-    grant, withdrawal, regrant = aliased(Consent), aliased(Consent), aliased(Consent)
-    regranted = exists().where(regrant.customer_id == withdrawal.customer_id,
-                               regrant.kind == kind, regrant.granted.is_(True),
-                               regrant.recorded_at > withdrawal.recorded_at)
-    grants = [grant.customer_id == customer_id, grant.kind == kind, grant.granted.is_(True)]
-    withdrawals = [withdrawal.customer_id == customer_id, withdrawal.kind == kind,
-                   withdrawal.granted.is_(False), ~regranted]
+    """The customer's current decision of this kind is a grant (``current_consents``,
+    kept by ``customers.record_consent``). ``after`` repeats a keyset page's lower bound
+    on customer ids, so a merge join starts there instead of at the first customer."""
+    where = [CurrentConsent.customer_id == customer_id, CurrentConsent.kind == kind,
+             CurrentConsent.granted.is_(True)]
     if after is not None:
-        grants.append(grant.customer_id > after)
-        withdrawals.append(withdrawal.customer_id > after)
-    return and_(exists().where(*grants), ~exists().where(*withdrawals))
+        where.append(CurrentConsent.customer_id > after)
+    return exists().where(*where)
 
 
 def attribute_text(name: str) -> ColumnElement[Any]:
     return Customer.attributes[name].as_string()
 
 
-def attribute_number(dialect: str, name: str) -> ColumnElement[Any]:
-    """A numeric attribute, whether stored as a JSON number or as text ("1280" from a
-    CSV import); anything else is NULL instead of a cast error aborting the query."""
+def attribute_in_range(dialect: str, name: str, low: float | None,
+                       high: float | None) -> ColumnElement[bool]:
+    """A numeric attribute within [low, high], whether stored as a JSON number or as text
+    ("1280" from a CSV import); anything else is out of range, never a cast error
+    aborting the query."""
     if dialect == "postgresql":
-        stored = Customer.attributes[name].as_string()
-        return case((stored.op("~")(r"^\s*-?[0-9]+(\.[0-9]+)?\s*$"),
-                     cast(func.trim(stored), Numeric)), else_=None)
+        # One jsonpath pass per row: .double() reads numbers and numeric strings, and
+        # silent mode turns "abc" into no match. Twice as fast as a regex guard and a
+        # cast, which matters on a million customers.
+        bounds = [f"@ {op} ${var}" for op, var, value in ((">=", "low", low), ("<=", "high", high))
+                  if value is not None]
+        variables = {var: value for var, value in (("low", low), ("high", high))
+                     if value is not None}
+        path = f'$."{_jsonpath_key(name)}".double() ? ({" && ".join(bounds)})'
+        return func.jsonb_path_exists(Customer.attributes, cast(literal(path), JSONPATH),
+                                      cast(literal(json.dumps(variables)), JSONB), True)
     path = '$."' + name.replace('"', '""') + '"'
     kind = func.json_type(Customer.attributes, path)
     raw = func.json_extract(Customer.attributes, path)
     digits = func.ltrim(func.trim(raw), "-")
-    return case((kind.in_(("integer", "real")), raw),
-                (and_(kind == "text", digits.op("GLOB")("[0-9]*"),
-                      digits.op("NOT GLOB")("*[^0-9.]*")), cast(func.trim(raw), Float)),
-                else_=None)
+    number = case((kind.in_(("integer", "real")), raw),
+                  (and_(kind == "text", digits.op("GLOB")("[0-9]*"),
+                        digits.op("NOT GLOB")("*[^0-9.]*")), cast(func.trim(raw), Float)),
+                  else_=None)
+    checks = [number >= literal(low)] if low is not None else []
+    if high is not None:
+        checks.append(number <= literal(high))
+    return and_(*checks)
+
+
+def _jsonpath_key(name: str) -> str:
+    """An attribute name as a quoted jsonpath key (the name comes from the program's
+    field mapping, written by its administrators, but is escaped all the same)."""
+    return name.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _uses_customer_columns(segment: Segment) -> bool:
@@ -259,10 +260,11 @@ def _uses_customer_columns(segment: Segment) -> bool:
 
 
 def _filters(session: Session, segment: Segment, program: Program,
-             customer_id: ColumnElement[int], after: int | None = None
-             ) -> list[ColumnElement[bool]]:
+             customer_id: ColumnElement[int], after: int | None = None, *,
+             consent: bool = True) -> list[ColumnElement[bool]]:
     """Everything but the install state, for the customer whose id is ``customer_id``
-    (``after``: the keyset page's bound, see :func:`_consented`)."""
+    (``after``: the keyset page's bound, see :func:`_consented`; ``consent=False``:
+    the query already draws from the consented audience)."""
     dialect = session.get_bind().dialect.name
     tier_name, points_name = attribute_names(program)
     where: list[ColumnElement[bool]] = []
@@ -274,11 +276,10 @@ def _filters(session: Session, segment: Segment, program: Program,
         where.append(exists().where(*sent))
     if segment.tier is not None:
         where.append(func.lower(attribute_text(tier_name)) == segment.tier.lower())
-    if segment.points_min is not None:
-        where.append(attribute_number(dialect, points_name) >= literal(segment.points_min))
-    if segment.points_max is not None:
-        where.append(attribute_number(dialect, points_name) <= literal(segment.points_max))
-    if not segment.include_without_consent:
+    if segment.points_min is not None or segment.points_max is not None:
+        where.append(attribute_in_range(dialect, points_name, segment.points_min,
+                                        segment.points_max))
+    if consent and not segment.include_without_consent:
         where.append(_consented(customer_id, segment.consent, after))
     if segment.created_from is not None:
         where.append(Customer.created_at >= segment.created_from)
@@ -287,13 +288,14 @@ def _filters(session: Session, segment: Segment, program: Program,
     return where
 
 
-def _installed_between(segment: Segment) -> list[ColumnElement[bool]]:
+def _installed_between(segment: Segment, customer_id: ColumnElement[int],
+                       program_id: int) -> list[ColumnElement[bool]]:
     bounds: list[ColumnElement[bool]] = []
     if segment.installed_from is not None:
         bounds.append(CardInstallState.first_installed_at >= segment.installed_from)
     if segment.installed_to is not None:
         bounds.append(CardInstallState.first_installed_at < segment.installed_to)
-    return bounds
+    return [_has_state(customer_id, program_id, *bounds)] if bounds else []
 
 
 def conditions(session: Session, segment: Segment, program: Program | None = None,
@@ -304,30 +306,31 @@ def conditions(session: Session, segment: Segment, program: Program | None = Non
     where: list[ColumnElement[bool]] = [Customer.tenant_id == program.tenant_id]
     if after_id is not None:
         where.append(Customer.id > after_id)
-    where += _state_conditions(segment.state, lambda *c: _card_state(program.id, *c))
-    if bounds := _installed_between(segment):
-        where.append(_card_state(program.id, *bounds))
+    where += _state_conditions(segment.state, Customer.id, program.id)
+    where += _installed_between(segment, Customer.id, program.id)
     return where + _filters(session, segment, program, Customer.id, after_id)
 
 
 def count_query(session: Session, segment: Segment, program: Program) -> Select[tuple[int]]:
-    """The count, driven from the side that prunes most.
+    """The count, drawn from the smallest table that holds the audience.
 
-    A positive install state (installed, removed, downloaded) implies a card:
-    the count walks the program's cards and probes their state rows by card id,
-    without the customers table unless a customer column is filtered. Other
-    segments walk the tenant's customers.
+    With the consent filter (the default), the audience is the tenant's rows of
+    ``current_consents`` granting that kind, read from a partial index in
+    customer order; the customers table joins in only when one of its columns is
+    filtered. Install states are probed by (program, customer): hash or merge
+    semi/anti joins, one pass each, no hop through cards.
     """
-    if segment.state not in _POSITIVE and not _installed_between(segment):
+    if segment.include_without_consent:
         return select(func.count(Customer.id)).where(*conditions(session, segment, program))
-    query = select(func.count(Card.id)).select_from(Card)
+    audience = CurrentConsent.customer_id
+    query = select(func.count(audience)).select_from(CurrentConsent)
     if _uses_customer_columns(segment):
-        query = query.join(Customer, Customer.id == Card.customer_id)
-    where = [Card.program_id == program.id]
-    where += _state_conditions(segment.state, lambda *c: _state_row(Card.id, program.id, *c))
-    if bounds := _installed_between(segment):
-        where.append(_state_row(Card.id, program.id, *bounds))
-    return query.where(*where, *_filters(session, segment, program, Card.customer_id))
+        query = query.join(Customer, Customer.id == audience)
+    where = [CurrentConsent.tenant_id == program.tenant_id,
+             CurrentConsent.kind == segment.consent, CurrentConsent.granted.is_(True)]
+    where += _state_conditions(segment.state, audience, program.id)
+    where += _installed_between(segment, audience, program.id)
+    return query.where(*where, *_filters(session, segment, program, audience, consent=False))
 
 
 def _tune(session: Session) -> None:

@@ -329,7 +329,8 @@ def test_rebuild_drops_states_without_events_and_respects_tenants(services, demo
     with services.db.transaction() as session:
         card = session.get(Card, card_id)
         session.add(CardInstallState(tenant_id=card.tenant_id, card_id=card.id,
-                                     program_id=card.program_id, platform="apple",
+                                     program_id=card.program_id, customer_id=card.customer_id,
+                                     platform="apple",
                                      state="installed", device_count=3))
     assert install_state.rebuild(services, tenant_id=demo["tenant_id"] + 1) == 0
     assert state(services, card_id, "apple") == ("installed", 3)  # another tenant's run

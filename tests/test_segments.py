@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from app import install_state, links, segments
 from app.customers import record_consent
-from app.models import Card, Consent, Customer, LinkToken, Program
+from app.models import Card, Consent, CurrentConsent, Customer, LinkToken, Program
 from app.segments import Segment
 
 UTC = dt.UTC
@@ -37,9 +37,8 @@ def world(services, demo):  # type: ignore[no-untyped-def]
             session.add(customer)
             session.flush()
             for i, value in enumerate(granted):
-                session.add(Consent(tenant_id=customer.tenant_id, customer_id=customer.id,
-                                    kind="marketing_email", granted=value, source="test",
-                                    recorded_at=day("2026-01-01") + dt.timedelta(days=i)))
+                record_consent(session, customer, "marketing_email", value, "test",
+                               recorded_at=day("2026-01-01") + dt.timedelta(days=i))
         cards = {c.customer.external_id: c for c in session.scalars(
             select(Card).where(Card.program_id == rewards))}
 
@@ -108,6 +107,50 @@ def test_consent_is_required_unless_asked_otherwise(services, world) -> None:  #
     assert ids(services, Segment(world["program_id"], state="never-downloaded")) == {"C-1008"}
     sms = Segment(world["program_id"], consent="sms")
     assert ids(services, sms) == set()
+
+
+def test_points_read_numbers_and_numeric_text_under_any_attribute_name(services, world) -> None:  # type: ignore[no-untyped-def]
+    odd = "solde.fidélité (pts)"  # a dot, an accent, a space: quoted, not a nested path
+    values = {"C-1001": 12, "C-1002": " 40 ", "C-1003": "4O", "C-1004": True, "C-1005": 40.5}
+    with services.db.transaction() as session:
+        program = session.get(Program, world["program_id"])
+        program.field_mapping = {**program.field_mapping, "points": odd}
+        for external_id, value in values.items():
+            customer = session.scalar(select(Customer).where(Customer.external_id == external_id))
+            customer.attributes = {**customer.attributes, odd: value}
+    program_id = world["program_id"]
+    assert ids(services, Segment(program_id, points_min=12)) == {"C-1001", "C-1002", "C-1005"}
+    assert ids(services, Segment(program_id, points_min=13, points_max=40)) == {"C-1002"}
+    assert ids(services, Segment(program_id, points_max=11)) == set()
+
+
+def test_current_consent_follows_the_latest_decision_whatever_the_arrival_order(  # type: ignore[no-untyped-def]
+        services, world) -> None:
+    """current_consents (what segments read) always equals the history's latest record."""
+    def current(external_id: str) -> tuple[bool, str] | None:
+        with services.db.session() as session:
+            row = session.execute(
+                select(CurrentConsent.granted, Consent.source)
+                .join(Consent, Consent.id == CurrentConsent.consent_id)
+                .join(Customer, Customer.id == CurrentConsent.customer_id)
+                .where(Customer.external_id == external_id,
+                       CurrentConsent.kind == "marketing_email")).one_or_none()
+        return None if row is None else (row[0], row[1])
+
+    assert current("C-1006") == (False, "test") and current("C-1008") == (True, "test")
+    assert current("C-1007") is None
+    with services.db.transaction() as session:
+        customer = session.scalar(select(Customer).where(Customer.external_id == "C-1007"))
+        # A newer decision, then an older one arriving late (a migrated history)
+        record_consent(session, customer, "marketing_email", True, "form",
+                       recorded_at=day("2026-05-02"))
+        record_consent(session, customer, "marketing_email", False, "late-import",
+                       recorded_at=day("2026-05-01"))
+    assert current("C-1007") == (True, "form")
+    assert "C-1007" in ids(services, Segment(world["program_id"]))
+    with services.db.session() as session:
+        customer = session.scalar(select(Customer).where(Customer.external_id == "C-1007"))
+        assert customer.current_consents()["marketing_email"].granted is True  # same answer
 
 
 def test_campaign_tier_points_and_dates(services, world) -> None:  # type: ignore[no-untyped-def]

@@ -222,9 +222,11 @@ def test_wallet_status_in_payload(services, demo) -> None:  # type: ignore[no-un
         customer = _customer(session)
         card = session.scalar(select(Card).where(Card.customer_id == customer.id))
         session.add(CardInstallState(card_id=card.id, program_id=card.program_id,
+                                     customer_id=card.customer_id,
                                      platform="apple", state="installed", device_count=1,
                                      first_installed_at=utcnow(), last_installed_at=utcnow()))
         session.add(CardInstallState(card_id=card.id, program_id=card.program_id,
+                                     customer_id=card.customer_id,
                                      platform="google", state="removed", device_count=0))
     with services.db.transaction(tenant) as session:
         customer = _customer(session)  # held: SQLAlchemy forgets in-place edits of dropped rows
