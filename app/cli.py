@@ -787,7 +787,7 @@ def webhooks_add(tenant_slug: str, url: str, events: str, description: str | Non
         with svc.db.transaction(tenant_id) as session:
             sub = webhooks_out.create_subscription(
                 session, tenant_id, url, [e.strip() for e in events.split(",") if e.strip()],
-                description)
+                description, allow_private=svc.settings.webhook_allow_private_networks)
             click.echo(f"subscription {sub.id}: {', '.join(sub.event_types)} -> {sub.url}")
             click.echo(f"signing secret (shown once, keep it in the receiver): {sub.secret}")
     except ValueError as exc:

@@ -64,6 +64,9 @@ class Settings:
     google_keys_file: str = ""
     #: Redis URL for the job queue; empty = the embedded SQLite queue in the instance folder.
     redis_url: str = ""
+    #: Let webhook subscriptions reach loopback, private and link-local addresses (a
+    #: receiver on your LAN, local development). Off: only public addresses are called.
+    webhook_allow_private_networks: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

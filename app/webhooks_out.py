@@ -51,7 +51,7 @@ import requests
 from sqlalchemy import event, inspect, select
 from sqlalchemy.orm import Session
 
-from app import outbox
+from app import netguard, outbox
 from app.db import TENANT_KEY, WEBHOOK_DISPATCH_KEY
 from app.models import (
     Card,
@@ -151,15 +151,18 @@ def check_signature(secret: str, header: str, body: bytes, tolerance: int = TOLE
 # -- subscriptions --------------------------------------------------------------------
 
 def create_subscription(session: Session, tenant_id: int, url: str, event_types: Iterable[str],
-                        description: str | None = None) -> WebhookSubscription:
-    """A new subscription with a fresh secret (read it from the returned row, once)."""
+                        description: str | None = None, *,
+                        allow_private: bool = False) -> WebhookSubscription:
+    """A new subscription with a fresh secret (read it from the returned row, once).
+
+    ``allow_private``: the operator's ``webhook_allow_private_networks`` setting
+    (see :mod:`app.netguard`)."""
     types = sorted(set(event_types))
     unknown = [t for t in types if t not in EVENT_TYPES]
     if unknown or not types:
         raise ValueError(f"event types must be among {', '.join(EVENT_TYPES)}; "
                          f"got {', '.join(unknown) or 'none'}")
-    if not url.startswith(("https://", "http://")):
-        raise ValueError("the URL must start with https:// (or http:// for local tests)")
+    netguard.check_url(url, allow_private=allow_private)
     subscription = WebhookSubscription(tenant_id=tenant_id, url=url, event_types=types,
                                        description=description)
     session.add(subscription)
@@ -436,9 +439,10 @@ class _Answer:
     status: int | None
     error: str | None
     duration_ms: int
+    final: bool = False  # no point retrying (the address is refused)
 
 
-def _post(url: str, secret: str, delivery: WebhookDelivery) -> _Answer:
+def _post(url: str, secret: str, delivery: WebhookDelivery, *, allow_private: bool) -> _Answer:
     body = body_bytes(delivery.payload)
     headers = {
         "Content-Type": "application/json",
@@ -450,9 +454,12 @@ def _post(url: str, secret: str, delivery: WebhookDelivery) -> _Answer:
     }
     started = time.monotonic()
     try:
-        response = requests.post(url, data=body, headers=headers, timeout=TIMEOUT,
+        with netguard.guarded_session(allow_private=allow_private) as http:
+            response = http.post(url, data=body, headers=headers, timeout=TIMEOUT,
                                  allow_redirects=False)
-        response.close()
+            response.close()
+    except netguard.BlockedAddress as exc:
+        return _Answer(None, f"refused: {exc}", _ms_since(started), final=True)
     except requests.Timeout:
         return _Answer(None, "timeout", _ms_since(started))
     except requests.RequestException as exc:
@@ -483,7 +490,8 @@ def deliver(services: Services, delivery_id: int) -> Delivered:
             return Delivered(delivery_id, "cancelled")
         url, secret = subscription.url, subscription.secret
         session.commit()  # no transaction stays open during the HTTP call
-        answer = _post(url, secret, delivery)
+        answer = _post(url, secret, delivery,
+                       allow_private=services.settings.webhook_allow_private_networks)
         return _record(session, delivery, subscription, answer)
 
 
@@ -503,7 +511,7 @@ def _record(session: Session, delivery: WebhookDelivery, subscription: WebhookSu
         log.warning("webhook subscription %s answered 410 Gone: disabled", subscription.id)
         _finish(delivery, now, "gave_up", "410 Gone: subscription disabled")
         result = Delivered(delivery.id, "gave_up", status=410)
-    elif now - delivery.created_at >= GIVE_UP_AFTER:
+    elif answer.final or now - delivery.created_at >= GIVE_UP_AFTER:
         _finish(delivery, now, "gave_up", answer.error)
         result = Delivered(delivery.id, "gave_up", status=answer.status)
     else:

@@ -56,6 +56,8 @@ def settings(tmp_path: Path, database_url: str, shared_dirs: dict[str, Path]) ->
         environ={}, instance_path=instance, database_url=database_url,
         certs_path=shared_dirs["certs"], demo=True, strict_certs=False,
         public_url="https://wallet.example.test",
+        # Receivers and stand-ins listen on 127.0.0.1; test_netguard.py turns this off.
+        webhook_allow_private_networks=True,
     )
 
 

@@ -24,6 +24,7 @@ from app.api.core import (
     reply,
     require,
     responses,
+    services,
     spec,
     tenant_id,
 )
@@ -87,8 +88,9 @@ def create_webhook() -> Any:
     data = json_body(WebhookCreate)
     session = db()
     try:
-        row = webhooks_out.create_subscription(session, tenant_id(), data.url, data.event_types,
-                                               data.description)
+        row = webhooks_out.create_subscription(
+            session, tenant_id(), data.url, data.event_types, data.description,
+            allow_private=services().settings.webhook_allow_private_networks)
     except ValueError as exc:
         raise ApiProblem(422, "Unprocessable Content", str(exc)) from None
     record("webhook.create", f"webhook:{row.id}", {"event_types": row.event_types})

@@ -667,8 +667,9 @@ def subscription_create() -> Any:
     types = request.form.getlist("event_types")
     description = request.form.get("description", "").strip()[:200] or None
     try:
-        created = webhooks_out.create_subscription(db(), current().tenant_id, url, types,
-                                                   description)
+        created = webhooks_out.create_subscription(
+            db(), current().tenant_id, url, types, description,
+            allow_private=services().settings.webhook_allow_private_networks)
     except ValueError as exc:
         db().rollback()
         flash(str(exc), "error")
