@@ -13,21 +13,29 @@ counts and per-row errors back to the row, where ``GET /customers/imports/{id}``
 reads them. Every batch commits on its own, so good rows are kept whatever
 happens to the others, and a job re-run after a crash only re-applies
 idempotent upserts.
+
+Nothing accepted is lost: a worker claims a job with one conditional UPDATE and
+renews its lease from a heartbeat thread while it imports. The per-minute
+sweeper (:func:`sweep`) queues again a job no worker took (the queue was down
+when it was uploaded) and a job whose worker died (its lease ran out), up to
+``MAX_ATTEMPTS`` runs; then the job fails with a message saying so.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import math
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import updates
@@ -57,6 +65,10 @@ MAX_ATTRIBUTES = 100
 #: JSON numbers beyond this lose precision in JavaScript clients and mean nothing on a card.
 MAX_ATTRIBUTE_NUMBER = 10**15
 MAX_ROW_ERRORS = 1000  # a job keeps this many row errors; the count says how many there were
+LEASE = dt.timedelta(minutes=5)  # a running job's lease, renewed every HEARTBEAT
+HEARTBEAT = dt.timedelta(minutes=1)
+REQUEUE_AFTER = dt.timedelta(minutes=2)  # a queued job nobody took is queued again after this
+MAX_ATTEMPTS = 3  # runs a job may start; a file that kills the worker every time ends "failed"
 
 
 class CustomerConflict(ValueError):
@@ -299,13 +311,14 @@ def run_job(services: Services, job_id: int,
             return "missing"
         if job.status in ("done", "failed"):
             return job.status
-        job.status = "running"
+        if not _claim(session, job_id, utcnow()):
+            return "skipped"  # another worker holds it
         tenant_id, fmt, path = job.tenant_id, job.format, Path(job.source_path)
     errors: list[tuple[int, str]] = []
     counts = (0, 0, 0)
     status = "done"
     try:
-        with services.db.tenant_session(tenant_id) as session:
+        with _Heartbeat(services, job_id), services.db.tenant_session(tenant_id) as session:
             if fmt == "csv":
                 csv_report = import_csv(
                     session, tenant_id, path, progress=on_progress,
@@ -332,6 +345,82 @@ def run_job(services: Services, job_id: int,
         job.total_rows = sum(counts) + len([e for e in errors if e[0] > 0])
         job.errors = [{"line": line, "message": message}
                       for line, message in errors[:MAX_ROW_ERRORS]]
-        job.finished_at = utcnow()
+        job.finished_at, job.claimed_until = utcnow(), None
     path.unlink(missing_ok=True)
     return status
+
+
+def _claim(session: Session, job_id: int, now: dt.datetime) -> bool:
+    """Take a queued job (or a running one whose worker's lease ran out) for this worker."""
+    taken = session.execute(
+        update(ImportJob)
+        .where(ImportJob.id == job_id, ImportJob.attempts < MAX_ATTEMPTS,
+               or_(ImportJob.status == "queued",
+                   and_(ImportJob.status == "running", ImportJob.claimed_until < now)))
+        .values(status="running", claimed_until=now + LEASE, attempts=ImportJob.attempts + 1)
+        .execution_options(synchronize_session=False))
+    return taken.rowcount == 1  # type: ignore[attr-defined]
+
+
+class _Heartbeat:
+    """Renews a running job's lease every HEARTBEAT from a thread of its own, so a long
+    import keeps it and a dead worker (thread and all) loses it."""
+
+    def __init__(self, services: Services, job_id: int) -> None:
+        self.services, self.job_id = services, job_id
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"import-{job_id}-lease",
+                                       daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT.total_seconds()):
+            try:
+                with self.services.db.transaction() as session:
+                    session.execute(update(ImportJob)
+                                    .where(ImportJob.id == self.job_id,
+                                           ImportJob.status == "running")
+                                    .values(claimed_until=utcnow() + LEASE))
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+                log.warning("could not renew the lease of import job %s", self.job_id,
+                            exc_info=True)
+
+
+def sweep(services: Services, now: dt.datetime | None = None) -> list[int]:
+    """Jobs to queue again: queued ones nobody took, running ones whose worker died.
+
+    A job that already started ``MAX_ATTEMPTS`` times fails here instead, with
+    its rows so far kept. Each job queued again is left alone for REQUEUE_AFTER.
+    """
+    now = now or utcnow()
+    abandoned = and_(ImportJob.status == "running", ImportJob.claimed_until < now)
+    waiting = and_(ImportJob.status == "queued", ImportJob.created_at < now - REQUEUE_AFTER,
+                   or_(ImportJob.claimed_until.is_(None), ImportJob.claimed_until < now))
+    with services.db.transaction() as session:
+        jobs = list(session.scalars(select(ImportJob).where(or_(abandoned, waiting))
+                                    .order_by(ImportJob.id).limit(100).with_for_update()))
+        again = []
+        for job in jobs:
+            if job.attempts >= MAX_ATTEMPTS:
+                _give_up(job, now)
+                continue
+            job.status, job.claimed_until = "queued", now + REQUEUE_AFTER
+            again.append(job.id)
+    return again
+
+
+def _give_up(job: ImportJob, now: dt.datetime) -> None:
+    log.error("import job %s stopped %d times before finishing: failed", job.id, job.attempts)
+    job.status, job.finished_at, job.claimed_until = "failed", now, None
+    job.errors = [*(job.errors or []), {
+        "line": 0, "message": f"the import stopped {job.attempts} times before finishing "
+                              "(the worker was stopped or ran out of memory); the rows "
+                              "imported before that are kept"}][:MAX_ROW_ERRORS]
+    Path(job.source_path).unlink(missing_ok=True)

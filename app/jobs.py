@@ -9,6 +9,9 @@ mid-task loses that queue entry. Nothing is lost with it: the push job row
 (app/updates.py) stays undone in the database, and the periodic sweeper
 queues every job whose lease ran out. Delivery is at-least-once, and a
 repeated push is harmless (the device just asks for its serials again).
+Customer imports work alike: a job keeps a lease while it runs and
+``sweep_imports`` queues again those no worker took or whose worker died
+(app/imports.py).
 """
 
 from __future__ import annotations
@@ -65,7 +68,19 @@ class JobQueue:
 
             return imports.run_job(self.services, job_id)  # type: ignore[arg-type]
 
+        @huey.periodic_task(crontab(minute="*"), name="sweep_imports")
+        def sweep_imports() -> int:
+            from app import imports
+
+            job_ids = imports.sweep(self.services)  # type: ignore[arg-type]
+            for job_id in job_ids:
+                run_import(job_id)
+            if job_ids:
+                log.info("re-queued %d import jobs", len(job_ids))
+            return len(job_ids)
+
         self.run_import = run_import
+        self.sweep_imports = sweep_imports
 
     def _add_crm_tasks(self, huey: Huey) -> None:
         """CRM outbox delivery and its sweeper (app/crm/outbox.py), as for pushes."""
@@ -137,11 +152,11 @@ class JobQueue:
 
     def dispatch_import(self, job_id: int) -> None:
         """Queue an import job (after the transaction that created it commits). If the
-        queue is down the job stays "queued"; re-POSTing the file is the remedy."""
+        queue is down the job stays "queued" and the sweeper queues it later."""
         try:
             self.run_import(job_id)
         except Exception:
-            log.exception("could not queue import job %s", job_id)
+            log.exception("could not queue import job %s; the sweeper will retry", job_id)
 
     def dispatch_webhooks(self, delivery_ids: list[int]) -> None:
         """Queue webhook deliveries (called after the transaction that created them commits)."""

@@ -719,3 +719,7 @@ class ImportJob(TenantOwned, Base):
     errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None]
+    # Running: the worker's lease, renewed while it works (a dead worker's runs out).
+    # Queued: when the sweeper may queue it again if no worker has taken it.
+    claimed_until: Mapped[dt.datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

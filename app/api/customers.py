@@ -183,7 +183,8 @@ def import_out(job: ImportJob) -> ImportJobOut:
                         total_rows=job.total_rows, created=job.created, updated=job.updated,
                         unchanged=job.unchanged,
                         errors=[RowError(**e) for e in job.errors or []],
-                        created_at=job.created_at, finished_at=job.finished_at)
+                        created_at=job.created_at, finished_at=job.finished_at,
+                        attempts=job.attempts)
 
 
 @bp.post("/customers/imports")

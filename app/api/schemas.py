@@ -208,6 +208,8 @@ class ImportJobOut(BaseModel):
     errors: list[RowError]
     created_at: dt.datetime
     finished_at: dt.datetime | None
+    attempts: int = Field(description="Runs started; a job whose worker stopped is run "
+                                      "again, up to 3 times")
 
 
 class ImportQuery(BaseModel):
