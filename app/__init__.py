@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.config import Settings
 from app.services import Services
@@ -43,6 +44,10 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     # After every blueprint: machine ones (and any under /api/) are exempted by name.
     csrf.init(app, secure_cookie=settings.public_url.startswith("https://"),
               machine_blueprints=[passkit.bp, google.bp])
+    if settings.trusted_proxies > 0:
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops,  # type: ignore[method-assign]
+                                x_host=hops)
     return app
 
 

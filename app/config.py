@@ -64,6 +64,10 @@ class Settings:
     google_keys_file: str = ""
     #: Redis URL for the job queue; empty = the embedded SQLite queue in the instance folder.
     redis_url: str = ""
+    #: Reverse proxies in front of Passerelle (a load balancer, nginx...): their
+    #: X-Forwarded-For/-Proto/-Host are trusted, so rate limits count each client and
+    #: not the proxy. 0 = none: those headers are ignored (anyone could forge them).
+    trusted_proxies: int = 0
     #: Let webhook subscriptions reach loopback, private and link-local addresses (a
     #: receiver on your LAN, local development). Off: only public addresses are called.
     webhook_allow_private_networks: bool = False

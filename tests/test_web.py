@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+import pytest
+from flask import request
+
 from app import create_app
 from tests.pkpass_check import verify_pkpass
 
@@ -67,3 +70,24 @@ def test_site_icon_is_served(client) -> None:  # type: ignore[no-untyped-def]
     response = client.get("/favicon.ico")
     assert response.status_code == 200 and response.mimetype == "image/png"
     assert Image.open(BytesIO(response.data)).size == (32, 32)
+
+
+def test_wrong_method_says_which_methods_are_allowed(client) -> None:  # type: ignore[no-untyped-def]
+    machine = client.delete("/healthz")
+    assert machine.status_code == 405 and machine.mimetype == "application/problem+json"
+    assert "GET" in machine.headers["Allow"]
+    person = client.put("/demo/", headers={"Accept": "text/html"})
+    assert person.status_code == 405 and person.mimetype == "text/html"
+    assert "GET" in person.headers["Allow"]
+
+
+@pytest.mark.parametrize("proxies, seen", [(0, "127.0.0.1 http"), (1, "198.51.100.7 https")])
+def test_forwarded_headers_count_only_behind_trusted_proxies(settings, proxies, seen) -> None:  # type: ignore[no-untyped-def]
+    """Rate limits key on the client address: behind a proxy it comes from the proxy's
+    headers, and without one those headers are anybody's and ignored."""
+    settings.trusted_proxies = proxies
+    app = create_app(settings)
+    app.add_url_rule("/_whoami", "whoami", lambda: f"{request.remote_addr} {request.scheme}")
+    answer = app.test_client().get("/_whoami", headers={
+        "X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https"})
+    assert answer.get_data(as_text=True) == seen

@@ -32,9 +32,16 @@ def register(app: Flask) -> None:
     def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
         status = exc.code or 500
         if wants_json():
-            return problem(status, exc.name, exc.description)
-        return render_template("error.html", status=status, title=exc.name,
-                               detail=exc.description), status
+            response = problem(status, exc.name, exc.description)
+        else:
+            response = Response(render_template("error.html", status=status, title=exc.name,
+                                                detail=exc.description),
+                                status=status, mimetype="text/html")
+        # What the exception says beyond its body: Allow on a 405, Retry-After on a 503...
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]
