@@ -64,6 +64,12 @@ class Settings:
     google_keys_file: str = ""
     #: Redis URL for the job queue; empty = the embedded SQLite queue in the instance folder.
     redis_url: str = ""
+    #: Where email goes out: ``smtp://user:password@host:587`` (STARTTLS required),
+    #: ``smtps://...:465`` (TLS from the start), ``smtp://host:25?tls=none`` (a local
+    #: relay only). Empty: no email; members who ask for their card again get nothing.
+    smtp_url: str = ""
+    #: The From of those emails, e.g. ``Rewards <cards@brand.example>``.
+    mail_from: str = ""
     #: Reverse proxies in front of Passerelle (a load balancer, nginx...): their
     #: X-Forwarded-For/-Proto/-Host are trusted, so rate limits count each client and
     #: not the proxy. 0 = none: those headers are ignored (anyone could forge them).

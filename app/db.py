@@ -28,6 +28,8 @@ PUSH_DISPATCH_KEY = "passerelle.dispatch_push_jobs"
 WEBHOOK_DISPATCH_KEY = "passerelle.dispatch_webhook_deliveries"
 #: Session.info key: callable receiving ids of CRM outbox entries once committed.
 CRM_DISPATCH_KEY = "passerelle.dispatch_crm_writes"
+#: Session.info key: callable receiving ids of mail outbox entries once committed.
+MAIL_DISPATCH_KEY = "passerelle.dispatch_mail"
 
 
 class Database:
@@ -39,6 +41,7 @@ class Database:
         self.dispatch_push_jobs: Callable[[list[int]], None] | None = None
         self.dispatch_webhook_deliveries: Callable[[list[int]], None] | None = None
         self.dispatch_crm_writes: Callable[[list[int]], None] | None = None
+        self.dispatch_mail: Callable[[list[int]], None] | None = None
 
     def session(self) -> Session:
         """An unscoped session: for system tasks (migrations, demo seeding, admin)."""
@@ -46,6 +49,7 @@ class Database:
         session.info[PUSH_DISPATCH_KEY] = self.dispatch_push_jobs
         session.info[WEBHOOK_DISPATCH_KEY] = self.dispatch_webhook_deliveries
         session.info[CRM_DISPATCH_KEY] = self.dispatch_crm_writes
+        session.info[MAIL_DISPATCH_KEY] = self.dispatch_mail
         return session
 
     def tenant_session(self, tenant_id: int) -> Session:

@@ -21,8 +21,9 @@ tell whether an email belongs to a member, and must not hand anyone a
 member's card (the card shows their name, points and member barcode). So an
 email we (or the CRM) already know gets a *held* enrollment: a new customer
 without email, holding only what the person typed, with their own fresh card;
-the member's record is left untouched and a ``link_requested`` funnel event
-asks the mailer to send the member their real card at their own address. The
+the member's record is left untouched, a ``link_requested`` funnel event is
+recorded, and :mod:`app.card_mail` emails the member a link to their real card
+at their own address (when a mailer is configured). The
 person on the page sees exactly what a new member sees (same redirect shape,
 same page, same work done, a CRM lookup either way), and nobody learns or
 receives anything they did not type. Held customers carry the attribute
@@ -50,7 +51,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import crm, funnel, i18n, updates, webhooks_out
+from app import card_mail, crm, funnel, i18n, updates, webhooks_out
 from app.cards import ensure_card
 from app.customers import CustomerDataError, normalize_email, parse_birthday, record_consent
 from app.models import Card, Customer, Program
@@ -325,6 +326,9 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
         if isinstance(member, Customer):
             funnel.record(session, source, "link_requested", customer=member,
                           campaign=campaign)
+            card_mail.request_card_link(session, services, program, member,
+                                        lang=i18n.primary(locale) or i18n.DEFAULT,
+                                        campaign=campaign)
         log.info("enrollment held for program %s: the email belongs to a member", program.id)
     else:
         funnel.record(session, source, "enrolled", customer=customer, card=card,

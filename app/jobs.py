@@ -58,6 +58,7 @@ class JobQueue:
         self._add_webhook_tasks(huey)
         self._add_crm_tasks(huey)
         self._add_import_tasks(huey)
+        self._add_mail_tasks(huey)
 
     def _add_import_tasks(self, huey: Huey) -> None:
         """Customer imports uploaded through the API (app/imports.py): one task per job."""
@@ -81,6 +82,34 @@ class JobQueue:
 
         self.run_import = run_import
         self.sweep_imports = sweep_imports
+
+    def _add_mail_tasks(self, huey: Huey) -> None:
+        """Card-link emails (app/card_mail.py) and their sweeper, as for pushes."""
+
+        @huey.task(name="send_card_mail")
+        def send_card_mail(entry_id: int) -> str:
+            from app import card_mail
+
+            outcome = card_mail.deliver(self.services, entry_id)  # type: ignore[arg-type]
+            if outcome == "retry":
+                delay = card_mail.retry_in(self.services, entry_id)  # type: ignore[arg-type]
+                if delay is not None:
+                    send_card_mail.schedule((entry_id,), delay=delay)
+            return outcome
+
+        @huey.periodic_task(crontab(minute="*"), name="sweep_card_mail")
+        def sweep_card_mail() -> int:
+            from app import card_mail
+
+            entry_ids = card_mail.due_entries(self.services)  # type: ignore[arg-type]
+            for entry_id in entry_ids:
+                send_card_mail(entry_id)
+            if entry_ids:
+                log.info("re-queued %d card-link mails", len(entry_ids))
+            return len(entry_ids)
+
+        self.send_card_mail = send_card_mail
+        self.sweep_card_mail = sweep_card_mail
 
     def _add_crm_tasks(self, huey: Huey) -> None:
         """CRM outbox delivery and its sweeper (app/crm/outbox.py), as for pushes."""
@@ -149,6 +178,13 @@ class JobQueue:
                 self.deliver_crm_write(entry_id)
             except Exception:  # the queue is down: the sweeper will find the entry
                 log.exception("could not queue CRM write %s; the sweeper will retry", entry_id)
+
+    def dispatch_mail(self, entry_ids: list[int]) -> None:
+        for entry_id in entry_ids:
+            try:
+                self.send_card_mail(entry_id)
+            except Exception:  # the queue is down: the sweeper will find the entry
+                log.exception("could not queue card mail %s; the sweeper will retry", entry_id)
 
     def dispatch_import(self, job_id: int) -> None:
         """Queue an import job (after the transaction that created it commits). If the

@@ -528,6 +528,34 @@ class CrmOutboxEntry(TenantOwned, Base):
     done_at: Mapped[dt.datetime | None]
 
 
+class MailOutboxEntry(TenantOwned, Base):
+    """An email to send a customer (their card link), kept until it is sent or given up.
+
+    It holds no link: the worker issues the personal link when it sends, so the
+    bearer token exists only in the email and, hashed, in ``link_tokens``.
+    """
+
+    __tablename__ = "mail_outbox"
+    __table_args__ = (
+        Index("ix_mail_outbox_pending", "done_at", "not_before"),
+        Index("ix_mail_outbox_recent", "customer_id", "program_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id", ondelete="CASCADE"))
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))  # card_link
+    locale: Mapped[str | None] = mapped_column(String(35))  # the page's language when asked
+    campaign: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime | None]
+    claimed_until: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    done_at: Mapped[dt.datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(16))  # sent | gave_up | skipped
+
+
 # -- install tracking and webhooks (issue 6) ------------------------------------------------
 
 class CardInstallState(TenantOwned, Base):

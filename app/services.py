@@ -42,6 +42,7 @@ class Services:
         self.db.dispatch_push_jobs = self.jobs.dispatch
         self.db.dispatch_webhook_deliveries = self.jobs.dispatch_webhooks
         self.db.dispatch_crm_writes = self.jobs.dispatch_crm
+        self.db.dispatch_mail = self.jobs.dispatch_mail
 
     @property
     def apns(self) -> ApnsPool:
