@@ -571,6 +571,28 @@ def test_export_of_a_large_segment_streams_in_chunks(app, services, world) -> No
     response.close()
 
 
+def test_an_export_the_browser_leaves_stops_issuing_links(app, services, world) -> None:  # type: ignore[no-untyped-def]
+    from app.customers import record_consent
+    from app.models import LinkToken
+
+    with services.db.transaction() as session:
+        for n in range(2 * segments.CHUNK + 5):
+            customer = Customer(tenant_id=world["tenant_a"], external_id=f"GONE-{n:05d}",
+                                attributes={"points": 1})
+            session.add(customer)
+            session.flush()
+            record_consent(session, customer, "marketing_email", True, "test")
+    client = signed_in(app, "marketer@a.example")
+    response = client.post("/admin/segments/export", data={
+        "csrf_token": token_of(client), "program": "club", "points_max": "1"})
+    chunks = iter(response.response)
+    next(chunks), next(chunks)  # the header, then the first thousand rows
+    response.close()  # the browser went away
+    with services.db.session() as session:
+        issued = session.scalar(select(func.count()).select_from(LinkToken)) or 0
+    assert issued == segments.CHUNK  # the second thousand was never made
+
+
 def test_export_refuses_bad_options(app, world) -> None:  # type: ignore[no-untyped-def]
     client = signed_in(app, "marketer@a.example")
     token = token_of(client)
