@@ -27,7 +27,7 @@ from email.utils import formataddr, make_msgid
 from html import escape
 from typing import TYPE_CHECKING
 
-from sqlalchemy import event, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app import i18n, links, outbox
@@ -45,7 +45,6 @@ LINK_LIFETIME = dt.timedelta(days=7)
 LEASE = dt.timedelta(minutes=2)
 GIVE_UP_AFTER = dt.timedelta(hours=24)
 FIRST_RETRY = dt.timedelta(seconds=30)
-_NEW = "passerelle.new_mail_outbox"
 
 
 def enabled(services: Services) -> bool:
@@ -73,21 +72,10 @@ def request_card_link(session: Session, services: Services, program: Program,
                             campaign=campaign, created_at=now, attempts=0)
     session.add(entry)
     session.flush()
-    session.info.setdefault(_NEW, []).append(entry.id)
+    outbox.queue_after_commit(session, MAIL_DISPATCH_KEY, [entry.id])
     return entry
 
 
-@event.listens_for(Session, "after_commit")
-def _dispatch_committed(session: Session) -> None:
-    ids = session.info.pop(_NEW, None)
-    dispatch = session.info.get(MAIL_DISPATCH_KEY)
-    if ids and dispatch is not None:
-        dispatch(ids)
-
-
-@event.listens_for(Session, "after_rollback")
-def _forget_rolled_back(session: Session) -> None:
-    session.info.pop(_NEW, None)
 
 
 # -- the message ------------------------------------------------------------------------------

@@ -1,31 +1,74 @@
-"""Background jobs on Huey: push and CRM-write delivery, and the outbox sweepers.
+"""Background jobs on Huey: one delivery task and one per-minute sweeper per outbox.
 
 Embedded default: a SQLite-backed queue in the instance folder, no server to
 run. With ``PASSERELLE_REDIS_URL`` set, the queue lives in Redis and any
 number of workers on any number of machines share it.
 
 Huey takes a task off the queue before running it, so a worker killed
-mid-task loses that queue entry. Nothing is lost with it: the push job row
-(app/updates.py) stays undone in the database, and the periodic sweeper
-queues every job whose lease ran out. Delivery is at-least-once, and a
-repeated push is harmless (the device just asks for its serials again).
-Customer imports work alike: a job keeps a lease while it runs and
-``sweep_imports`` queues again those no worker took or whose worker died
-(app/imports.py).
+mid-task loses that queue entry. Nothing is lost with it: the row (a push job,
+a CRM write, a webhook delivery, a card-link email, an import job) stays
+undone in the database, and its sweeper queues every row nobody took or whose
+lease ran out. Delivery is at-least-once; every attempt is idempotent (a
+repeated push just makes the device ask for its serials again).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from huey import Huey, RedisHuey, SqliteHuey, crontab
+from huey.api import TaskWrapper
 
 from app import pushes, webhooks_out
 from app.config import Settings
 from app.crm import outbox as crm_outbox
 
 log = logging.getLogger(__name__)
+
+#: What one attempt says: its state, seconds until a retry is due, rows it unblocked.
+Attempt = tuple[str, "float | None", Iterable[int]]
+
+
+def _push(services: Any, job_id: int) -> Attempt:
+    result = pushes.deliver(services, job_id)
+    return result.state, result.retry_in, ()
+
+
+def _webhook(services: Any, delivery_id: int) -> Attempt:
+    result = webhooks_out.deliver(services, delivery_id)
+    return result.state, result.retry_in, ()
+
+
+def _crm_write(services: Any, entry_id: int) -> Attempt:
+    outcome = crm_outbox.attempt(services, entry_id)
+    return outcome.state, outcome.retry_in, outcome.unblocked  # the customer's next write
+
+
+def _card_mail(services: Any, entry_id: int) -> Attempt:
+    from app import card_mail
+
+    state = card_mail.deliver(services, entry_id)
+    return state, card_mail.retry_in(services, entry_id) if state == "retry" else None, ()
+
+
+def _import(services: Any, job_id: int) -> Attempt:
+    from app import imports
+
+    return imports.run_job(services, job_id), None, ()
+
+
+def _import_sweep(services: Any) -> list[int]:
+    from app import imports
+
+    return imports.sweep(services)
+
+
+def _card_mail_sweep(services: Any) -> list[int]:
+    from app import card_mail
+
+    return card_mail.due_entries(services)
 
 
 class JobQueue:
@@ -35,127 +78,44 @@ class JobQueue:
         self.huey: Huey = make_huey(settings)
         self._services_factory = services_factory
         self._services: object | None = None
-        huey = self.huey
+        self.deliver_push, self.sweep_push_jobs = self._durable(
+            "deliver_push", "sweep_push_jobs", "push jobs", _push, pushes.due_jobs)
+        self.deliver_webhook, self.sweep_webhooks = self._durable(
+            "deliver_webhook", "sweep_webhooks", "webhook deliveries", _webhook,
+            webhooks_out.due_deliveries)
+        self.deliver_crm_write, self.sweep_crm_outbox = self._durable(
+            "deliver_crm_write", "sweep_crm_outbox", "CRM writes", _crm_write,
+            crm_outbox.due_entries)
+        self.run_import, self.sweep_imports = self._durable(
+            "run_import", "sweep_imports", "import jobs", _import, _import_sweep)
+        self.send_card_mail, self.sweep_card_mail = self._durable(
+            "send_card_mail", "sweep_card_mail", "card-link mails", _card_mail,
+            _card_mail_sweep)
 
-        @huey.task(name="deliver_push")
-        def deliver_push(job_id: int) -> str:
-            delivery = pushes.deliver(self.services, job_id)  # type: ignore[arg-type]
-            if delivery.state == "retry" and delivery.retry_in is not None:
-                deliver_push.schedule((job_id,), delay=delivery.retry_in)
-            return delivery.state
+    def _durable(self, task_name: str, sweep_name: str, what: str,
+                 attempt: Callable[[Any, int], Attempt],
+                 due: Callable[[Any], list[int]]) -> tuple[TaskWrapper, TaskWrapper]:
+        """A delivery task for one outbox row, and the sweeper that finds lost rows."""
 
-        @huey.periodic_task(crontab(minute="*"), name="sweep_push_jobs")
-        def sweep_push_jobs() -> int:
-            job_ids = pushes.due_jobs(self.services)  # type: ignore[arg-type]
-            for job_id in job_ids:
-                deliver_push(job_id)
-            if job_ids:
-                log.info("re-queued %d push jobs", len(job_ids))
-            return len(job_ids)
+        @self.huey.task(name=task_name)
+        def deliver(row_id: int) -> str:
+            state, retry_in, unblocked = attempt(self.services, row_id)
+            if state == "retry" and retry_in is not None:
+                deliver.schedule((row_id,), delay=retry_in)
+            for following in unblocked:
+                deliver(following)
+            return state
 
-        self.deliver_push = deliver_push
-        self.sweep_push_jobs = sweep_push_jobs
-        self._add_webhook_tasks(huey)
-        self._add_crm_tasks(huey)
-        self._add_import_tasks(huey)
-        self._add_mail_tasks(huey)
+        @self.huey.periodic_task(crontab(minute="*"), name=sweep_name)
+        def sweep() -> int:
+            row_ids = due(self.services)
+            for row_id in row_ids:
+                deliver(row_id)
+            if row_ids:
+                log.info("re-queued %d %s", len(row_ids), what)
+            return len(row_ids)
 
-    def _add_import_tasks(self, huey: Huey) -> None:
-        """Customer imports uploaded through the API (app/imports.py): one task per job."""
-
-        @huey.task(name="run_import")
-        def run_import(job_id: int) -> str:
-            from app import imports
-
-            return imports.run_job(self.services, job_id)  # type: ignore[arg-type]
-
-        @huey.periodic_task(crontab(minute="*"), name="sweep_imports")
-        def sweep_imports() -> int:
-            from app import imports
-
-            job_ids = imports.sweep(self.services)  # type: ignore[arg-type]
-            for job_id in job_ids:
-                run_import(job_id)
-            if job_ids:
-                log.info("re-queued %d import jobs", len(job_ids))
-            return len(job_ids)
-
-        self.run_import = run_import
-        self.sweep_imports = sweep_imports
-
-    def _add_mail_tasks(self, huey: Huey) -> None:
-        """Card-link emails (app/card_mail.py) and their sweeper, as for pushes."""
-
-        @huey.task(name="send_card_mail")
-        def send_card_mail(entry_id: int) -> str:
-            from app import card_mail
-
-            outcome = card_mail.deliver(self.services, entry_id)  # type: ignore[arg-type]
-            if outcome == "retry":
-                delay = card_mail.retry_in(self.services, entry_id)  # type: ignore[arg-type]
-                if delay is not None:
-                    send_card_mail.schedule((entry_id,), delay=delay)
-            return outcome
-
-        @huey.periodic_task(crontab(minute="*"), name="sweep_card_mail")
-        def sweep_card_mail() -> int:
-            from app import card_mail
-
-            entry_ids = card_mail.due_entries(self.services)  # type: ignore[arg-type]
-            for entry_id in entry_ids:
-                send_card_mail(entry_id)
-            if entry_ids:
-                log.info("re-queued %d card-link mails", len(entry_ids))
-            return len(entry_ids)
-
-        self.send_card_mail = send_card_mail
-        self.sweep_card_mail = sweep_card_mail
-
-    def _add_crm_tasks(self, huey: Huey) -> None:
-        """CRM outbox delivery and its sweeper (app/crm/outbox.py), as for pushes."""
-
-        @huey.task(name="deliver_crm_write")
-        def deliver_crm_write(entry_id: int) -> str:
-            outcome = crm_outbox.attempt(self.services, entry_id)  # type: ignore[arg-type]
-            if outcome.state == "retry" and outcome.retry_in is not None:
-                deliver_crm_write.schedule((entry_id,), delay=outcome.retry_in)
-            for following in outcome.unblocked:  # the customer's next write, in order
-                deliver_crm_write(following)
-            return outcome.state
-
-        @huey.periodic_task(crontab(minute="*"), name="sweep_crm_outbox")
-        def sweep_crm_outbox() -> int:
-            entry_ids = crm_outbox.due_entries(self.services)  # type: ignore[arg-type]
-            for entry_id in entry_ids:
-                deliver_crm_write(entry_id)
-            if entry_ids:
-                log.info("re-queued %d CRM writes", len(entry_ids))
-            return len(entry_ids)
-
-        self.deliver_crm_write = deliver_crm_write
-        self.sweep_crm_outbox = sweep_crm_outbox
-
-    def _add_webhook_tasks(self, huey: Huey) -> None:
-        """Outbound webhook delivery and its sweeper (app/webhooks_out.py), as for pushes."""
-
-        @huey.task(name="deliver_webhook")
-        def deliver_webhook(delivery_id: int) -> str:
-            result = webhooks_out.deliver(self.services, delivery_id)  # type: ignore[arg-type]
-            if result.state == "retry" and result.retry_in is not None:
-                deliver_webhook.schedule((delivery_id,), delay=result.retry_in)
-            return result.state
-
-        @huey.periodic_task(crontab(minute="*"), name="sweep_webhooks")
-        def sweep_webhooks() -> int:
-            delivery_ids = webhooks_out.due_deliveries(self.services)  # type: ignore[arg-type]
-            for delivery_id in delivery_ids:
-                deliver_webhook(delivery_id)
-            if delivery_ids:
-                log.info("re-queued %d webhook deliveries", len(delivery_ids))
-            return len(delivery_ids)
-
-        self.deliver_webhook = deliver_webhook
-        self.sweep_webhooks = sweep_webhooks
+        return deliver, sweep
 
     @property
     def services(self) -> object:
@@ -163,45 +123,29 @@ class JobQueue:
             self._services = self._services_factory()
         return self._services
 
-    def dispatch(self, job_ids: list[int]) -> None:
-        """Queue push jobs (called after the transaction that created them commits)."""
-        for job_id in job_ids:
+    def _queue(self, task: str, row_ids: Iterable[int], what: str) -> None:
+        """Queue rows whose transaction just committed. If the queue is down they wait
+        in the database, and the sweeper queues them within minutes."""
+        for row_id in row_ids:
             try:
-                self.deliver_push(job_id)
-            except Exception:  # the queue is down: the sweeper will find the job
-                log.exception("could not queue push job %s; the sweeper will retry", job_id)
+                getattr(self, task)(row_id)
+            except Exception:  # noqa: BLE001 - the sweeper will find the row
+                log.exception("could not queue %s %s; the sweeper will retry", what, row_id)
+
+    def dispatch(self, job_ids: list[int]) -> None:
+        self._queue("deliver_push", job_ids, "push job")
 
     def dispatch_crm(self, entry_ids: list[int]) -> None:
-        """Queue CRM outbox entries (called after the transaction that created them commits)."""
-        for entry_id in entry_ids:
-            try:
-                self.deliver_crm_write(entry_id)
-            except Exception:  # the queue is down: the sweeper will find the entry
-                log.exception("could not queue CRM write %s; the sweeper will retry", entry_id)
-
-    def dispatch_mail(self, entry_ids: list[int]) -> None:
-        for entry_id in entry_ids:
-            try:
-                self.send_card_mail(entry_id)
-            except Exception:  # the queue is down: the sweeper will find the entry
-                log.exception("could not queue card mail %s; the sweeper will retry", entry_id)
-
-    def dispatch_import(self, job_id: int) -> None:
-        """Queue an import job (after the transaction that created it commits). If the
-        queue is down the job stays "queued" and the sweeper queues it later."""
-        try:
-            self.run_import(job_id)
-        except Exception:
-            log.exception("could not queue import job %s; the sweeper will retry", job_id)
+        self._queue("deliver_crm_write", entry_ids, "CRM write")
 
     def dispatch_webhooks(self, delivery_ids: list[int]) -> None:
-        """Queue webhook deliveries (called after the transaction that created them commits)."""
-        for delivery_id in delivery_ids:
-            try:
-                self.deliver_webhook(delivery_id)
-            except Exception:  # the queue is down: the sweeper will find the delivery
-                log.exception("could not queue webhook delivery %s; the sweeper will retry",
-                              delivery_id)
+        self._queue("deliver_webhook", delivery_ids, "webhook delivery")
+
+    def dispatch_mail(self, entry_ids: list[int]) -> None:
+        self._queue("send_card_mail", entry_ids, "card mail")
+
+    def dispatch_import(self, job_id: int) -> None:
+        self._queue("run_import", [job_id], "import job")
 
     def consumer(self, workers: int = 2):  # type: ignore[no-untyped-def]
         return self.huey.create_consumer(workers=workers, worker_type="thread", periodic=True,

@@ -1,7 +1,9 @@
 """The lease mechanics shared by every outbox table (push jobs, CRM writes, webhooks).
 
 Each table has ``done_at``, ``claimed_until``, ``not_before``, ``attempts`` and
-``created_at``. A worker claims a row with one conditional UPDATE, so two
+``created_at``. A new row is queued once its transaction commits
+(:func:`queue_after_commit`), never before (a worker could not see it) and never
+after a rollback. A worker claims a row with one conditional UPDATE, so two
 workers never run the same row; a dead worker's lease simply runs out, and the
 per-minute sweeper finds the row again with :func:`due_ids`.
 """
@@ -11,8 +13,29 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, event, or_, select, update
 from sqlalchemy.orm import Session
+
+_PENDING = "passerelle.outbox_rows_to_queue"
+
+
+def queue_after_commit(session: Session, dispatch_key: str, row_ids: list[int]) -> None:
+    """Hand ``row_ids`` to the session's dispatcher under ``dispatch_key`` (set by
+    ``Database.session``, see app/db.py) once this transaction commits."""
+    session.info.setdefault(_PENDING, {}).setdefault(dispatch_key, []).extend(row_ids)
+
+
+@event.listens_for(Session, "after_commit")
+def _queue_committed(session: Session) -> None:
+    for dispatch_key, row_ids in session.info.pop(_PENDING, {}).items():
+        dispatch = session.info.get(dispatch_key)
+        if row_ids and dispatch is not None:
+            dispatch(row_ids)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_rolled_back(session: Session) -> None:
+    session.info.pop(_PENDING, None)
 
 
 def claimable(model: Any, now: dt.datetime) -> list[ColumnElement[bool]]:

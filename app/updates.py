@@ -19,11 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy import event, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import cards
+from app import cards, outbox
 from app.db import PUSH_DISPATCH_KEY
 from app.models import Card, Counter, Customer, GoogleObject, PushJob, Registration
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from app.services import Services
 
 UPDATE_TAG = "card_update_tag"
-_NEW_JOBS = "passerelle.new_push_jobs"
 
 
 def reserve_update_tags(session: Session, count: int = 1) -> range:
@@ -69,7 +68,7 @@ def queue_pushes(session: Session, changes: list[tuple[int, int, int]]) -> int:
     if jobs:
         session.add_all(jobs)
         session.flush()
-        session.info.setdefault(_NEW_JOBS, []).extend(job.id for job in jobs)
+        outbox.queue_after_commit(session, PUSH_DISPATCH_KEY, [job.id for job in jobs])
     return len(jobs)
 
 
@@ -116,14 +115,3 @@ def customers_changed(session: Session, services: Services,
     return refresh_cards(session, services, targets)
 
 
-@event.listens_for(Session, "after_commit")
-def _dispatch_committed_jobs(session: Session) -> None:
-    job_ids = session.info.pop(_NEW_JOBS, None)
-    dispatch = session.info.get(PUSH_DISPATCH_KEY)
-    if job_ids and dispatch is not None:
-        dispatch(job_ids)
-
-
-@event.listens_for(Session, "after_rollback")
-def _forget_rolled_back_jobs(session: Session) -> None:
-    session.info.pop(_NEW_JOBS, None)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, event, exists, func, literal_column, select, update
+from sqlalchemy import ColumnElement, exists, func, literal_column, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app import outbox as lease
@@ -61,7 +61,6 @@ GIVE_UP_AFTER = dt.timedelta(days=7)
 FIRST_RETRY = dt.timedelta(seconds=10)
 MAX_RETRY = dt.timedelta(hours=1)
 OPERATIONS = ("create", "update")
-_NEW_ENTRIES = "passerelle.new_crm_entries"
 
 
 # -- what is written ----------------------------------------------------------------------
@@ -132,21 +131,10 @@ def record_write(session: Session, customer: Customer, operation: str,
         payload=customer_payload(customer, None if operation == "create" else changed_fields))
     session.add(entry)
     session.flush()
-    session.info.setdefault(_NEW_ENTRIES, []).append(entry.id)
+    lease.queue_after_commit(session, CRM_DISPATCH_KEY, [entry.id])
     return entry
 
 
-@event.listens_for(Session, "after_commit")
-def _dispatch_committed_entries(session: Session) -> None:
-    entry_ids = session.info.pop(_NEW_ENTRIES, None)
-    dispatch = session.info.get(CRM_DISPATCH_KEY)
-    if entry_ids and dispatch is not None:
-        dispatch(entry_ids)
-
-
-@event.listens_for(Session, "after_rollback")
-def _forget_rolled_back_entries(session: Session) -> None:
-    session.info.pop(_NEW_ENTRIES, None)
 
 
 def pending_fields(session: Session, customer_id: int) -> set[str]:
