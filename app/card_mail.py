@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+from dataclasses import dataclass
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formataddr, make_msgid
@@ -45,6 +46,7 @@ LINK_LIFETIME = dt.timedelta(days=7)
 LEASE = dt.timedelta(minutes=2)
 GIVE_UP_AFTER = dt.timedelta(hours=24)
 FIRST_RETRY = dt.timedelta(seconds=30)
+MAX_RETRY = dt.timedelta(hours=1)
 
 
 def enabled(services: Services) -> bool:
@@ -117,12 +119,23 @@ def _domain(sender: str) -> str | None:
 
 # -- delivery ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Sent:
+    state: str  # sent | retry | gave_up | skipped
+    retry_in: float | None = None  # seconds, when state == "retry"
+
+
 def deliver(services: Services, entry_id: int) -> str:
     """One attempt: claim, issue the link, send. The outcome, or ``retry``/``skipped``."""
+    return attempt(services, entry_id).state
+
+
+def attempt(services: Services, entry_id: int) -> Sent:
+    """:func:`deliver`, with the retry delay (for the worker)."""
     now = utcnow()
     with services.db.session() as session:
         if not outbox.claim(session, MailOutboxEntry, entry_id, now, LEASE):
-            return "skipped"
+            return Sent("skipped")
         entry = session.get(MailOutboxEntry, entry_id)
         assert entry is not None
         customer = session.get(Customer, entry.customer_id)
@@ -157,32 +170,24 @@ def _revoke(session: Session, token: str) -> None:
                     .values(revoked_at=utcnow()))
 
 
-def _finish(session: Session, entry: MailOutboxEntry, outcome: str, error: str | None) -> str:
+def _finish(session: Session, entry: MailOutboxEntry, outcome: str, error: str | None) -> Sent:
     entry.done_at, entry.claimed_until, entry.outcome = utcnow(), None, outcome
     entry.last_error = error[:500] if error else None
     session.commit()
-    return outcome
+    return Sent(outcome)
 
 
-def _retry_or_give_up(session: Session, entry: MailOutboxEntry, error: str) -> str:
+def _retry_or_give_up(session: Session, entry: MailOutboxEntry, error: str) -> Sent:
     now = utcnow()
     if now - entry.created_at >= GIVE_UP_AFTER:
         log.warning("card link mail %s given up after %d attempts: %s", entry.id,
                     entry.attempts, error)
         return _finish(session, entry, "gave_up", error)
-    delay = min(FIRST_RETRY * 2 ** max(entry.attempts - 1, 0), dt.timedelta(hours=1))
-    entry.not_before = now + delay * random.uniform(0.8, 1.2)
+    delay = outbox.backoff(entry.attempts, FIRST_RETRY, MAX_RETRY) * random.uniform(0.8, 1.2)
+    entry.not_before = now + delay
     entry.claimed_until, entry.last_error = None, error[:500]
     session.commit()
-    return "retry"
-
-
-def retry_in(services: Services, entry_id: int) -> float | None:
-    """Seconds until a retried entry is due (for scheduling the next attempt)."""
-    with services.db.session() as session:
-        when = session.scalar(select(MailOutboxEntry.not_before)
-                              .where(MailOutboxEntry.id == entry_id))
-    return None if when is None else max((when - utcnow()).total_seconds(), 0.0)
+    return Sent("retry", delay.total_seconds())
 
 
 def due_entries(services: Services, quiet_for: dt.timedelta = dt.timedelta(seconds=30),

@@ -49,8 +49,8 @@ def _crm_write(services: Any, entry_id: int) -> Attempt:
 def _card_mail(services: Any, entry_id: int) -> Attempt:
     from app import card_mail
 
-    state = card_mail.deliver(services, entry_id)
-    return state, card_mail.retry_in(services, entry_id) if state == "retry" else None, ()
+    sent = card_mail.attempt(services, entry_id)
+    return sent.state, sent.retry_in, ()
 
 
 def _import(services: Any, job_id: int) -> Attempt:

@@ -38,6 +38,11 @@ def _forget_rolled_back(session: Session) -> None:
     session.info.pop(_PENDING, None)
 
 
+def backoff(attempt: int, first: dt.timedelta, ceiling: dt.timedelta) -> dt.timedelta:
+    """Exponential retry delay: ``first`` after the first attempt, doubling, capped."""
+    return min(first * (2 ** max(attempt - 1, 0)), ceiling)
+
+
 def claimable(model: Any, now: dt.datetime) -> list[ColumnElement[bool]]:
     """Not done, not leased by a live worker, and due."""
     return [model.done_at.is_(None),

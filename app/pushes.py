@@ -45,7 +45,7 @@ class Delivery:
 
 
 def backoff(attempt: int) -> dt.timedelta:
-    return min(FIRST_RETRY * (2 ** max(attempt - 1, 0)), MAX_RETRY)
+    return outbox.backoff(attempt, FIRST_RETRY, MAX_RETRY)
 
 
 def claim(session: Session, job_id: int, now: dt.datetime) -> bool:

@@ -425,8 +425,7 @@ class Delivered:
 def backoff(attempt: int) -> dt.timedelta:
     """Exponential (10 s, 20 s, 40 s ...), capped at an hour, with jitter so a receiver
     that comes back is not hit by every queued delivery in the same second."""
-    ceiling = min(FIRST_RETRY * (2 ** max(attempt - 1, 0)), MAX_RETRY)
-    return ceiling * random.uniform(0.5, 1.0)
+    return outbox.backoff(attempt, FIRST_RETRY, MAX_RETRY) * random.uniform(0.5, 1.0)
 
 
 def claim(session: Session, delivery_id: int, now: dt.datetime) -> bool:

@@ -160,7 +160,7 @@ class Outcome:
 
 
 def backoff(attempt: int) -> dt.timedelta:
-    return min(FIRST_RETRY * (2 ** max(attempt - 1, 0)), MAX_RETRY)
+    return lease.backoff(attempt, FIRST_RETRY, MAX_RETRY)
 
 
 def _not_blocked() -> ColumnElement[bool]:
