@@ -11,7 +11,6 @@ import csv
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from PIL import Image, ImageStat
@@ -35,18 +34,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium package (.ci/run installs it)")
 
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    assert CHROMIUM, "chromium is not installed (apt-get install chromium)"
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture()

@@ -48,18 +48,6 @@ DEVICES = {
 CRM_TOKEN_ENV = "PASSERELLE_TEST_BROWSER_CRM_TOKEN"
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    assert CHROMIUM, "chromium is not installed (apt-get install chromium)"
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture()
 def server(app, services, demo) -> Iterator[str]:  # type: ignore[no-untyped-def]
     with live_server(app) as base:

@@ -63,7 +63,7 @@ from app.customers import CustomerDataError
 from app.links import PERSONAL_PURPOSES
 from app.models import AdminUser, Tenant, utcnow
 from app.passes.template import TemplateError
-from app.web import services
+from app.web import private_page_headers, services
 from app.web.limits import limiter
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -186,17 +186,11 @@ def _close_db(_exc: BaseException | None) -> None:
 @bp.after_request
 def _headers(response: Response) -> Response:
     """Pages show personal data: never cached, never framed, only our own script."""
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Referrer-Policy"] = "same-origin"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["X-Robots-Tag"] = "noindex, nofollow"
     nonce = g.get("csp_nonce", "")
-    response.headers["Content-Security-Policy"] = (
+    return private_page_headers(response, referrer="same-origin", csp=(
         f"default-src 'none'; img-src 'self' data:; style-src 'nonce-{nonce}'; "
         f"script-src 'nonce-{nonce}'; connect-src 'self'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'")
-    return response
+        "frame-ancestors 'none'; base-uri 'none'"))
 
 
 def _page(template: str, status: int = 200, **context: Any) -> tuple[str, int]:

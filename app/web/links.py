@@ -59,7 +59,7 @@ from app.google.wallet import (
 )
 from app.models import Customer, LinkToken, Program, Tenant, utcnow
 from app.services import Services
-from app.web import services
+from app.web import private_page_headers, services
 from app.web.limits import limiter
 
 bp = Blueprint("links", __name__)
@@ -110,17 +110,11 @@ def _nonce() -> None:
 
 @bp.after_request
 def _personal_headers(response: Response) -> Response:
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["X-Robots-Tag"] = "noindex, nofollow"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["X-Frame-Options"] = "DENY"
     nonce = g.get("csp_nonce", "")
-    response.headers["Content-Security-Policy"] = (
+    return private_page_headers(response, referrer="no-referrer", csp=(
         "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
         f"script-src 'nonce-{nonce}'; form-action 'self'; frame-ancestors 'none'; "
-        "base-uri 'none'")
-    return response
+        "base-uri 'none'"))
 
 
 def _lang(customer_locale: str | None = None) -> str:
