@@ -7,6 +7,7 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from app import logs
 from app.config import Settings
 from app.services import Services
 
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
 
     register_commands(app)
 
+    logs.init_app(app)  # request ids and access lines (before errors, so errors carry them)
     errors.register(app)
     limits.init(app, settings.redis_url)
     app.register_blueprint(health.bp)

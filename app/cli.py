@@ -13,7 +13,7 @@ from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import select
 from tqdm import tqdm
 
-from app import bulk, certs, diagnostics, links, links_export, migrate, tenants, updates
+from app import bulk, certs, diagnostics, links, links_export, logs, migrate, tenants, updates
 from app import demo as demo_data
 from app.customers import ImportFileError, import_csv
 from app.models import AppleIdentity, Customer, Program, Tenant, utcnow
@@ -233,6 +233,7 @@ def demo_command() -> None:
 def up(host: str, port: int) -> None:
     """Migrate, make dev certificates if none, seed the demo and serve."""
     svc = services()
+    _configure_logs(svc)
     migrate.upgrade(svc.settings.database_url)
     with svc.db.transaction() as session:
         demo_data.seed(session, svc)
@@ -255,12 +256,20 @@ def up(host: str, port: int) -> None:
 def serve_command(host: str, port: int, threads: int) -> None:
     """Serve in production (no seeding, no certificate generation)."""
     svc = services()
+    _configure_logs(svc)
     _ensure_migrated()
     _refuse_bad_certificates(svc)
     from waitress import serve
 
     click.echo(f"Passerelle is serving on http://{host}:{port}")
     serve(current_app._get_current_object(), host=host, port=port, threads=threads)  # type: ignore[attr-defined]
+
+
+def _configure_logs(svc: Services) -> None:
+    try:
+        logs.configure(svc.settings.log_format, svc.settings.log_level)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def _refuse_bad_certificates(svc: Services) -> None:
@@ -1264,6 +1273,7 @@ def worker(workers: int) -> None:
     """Run the job worker: push delivery and the outbox sweeper (Ctrl-C to stop)."""
     _ensure_migrated()
     svc = services()
+    _configure_logs(svc)
     where = svc.settings.redis_url or str(svc.settings.instance_path / "jobs.sqlite3")
     click.echo(f"worker: {workers} threads, queue {where}")
     svc.jobs.consumer(workers).run()

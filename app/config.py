@@ -77,6 +77,11 @@ class Settings:
     #: Let webhook subscriptions reach loopback, private and link-local addresses (a
     #: receiver on your LAN, local development). Off: only public addresses are called.
     webhook_allow_private_networks: bool = False
+    #: Log lines as ``text`` (for people) or ``json`` (one object per line, for log
+    #: pipelines). Either way: a request id and the tenant, no emails, names or tokens.
+    log_format: str = "text"
+    #: Log level of ``serve``, ``up`` and ``worker``: DEBUG, INFO, WARNING, ERROR.
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

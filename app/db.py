@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
+from app import logs
 from app.models import TenantOwned
 
 TENANT_KEY = "tenant_id"
@@ -56,6 +57,7 @@ class Database:
         """A session that can only ever see rows of one tenant."""
         session = self.session()
         session.info[TENANT_KEY] = tenant_id
+        logs.set_tenant(tenant_id)  # log lines of this request or task name the tenant
         return session
 
     @contextmanager
@@ -76,11 +78,13 @@ class Database:
 
 
 def _make_engine(url: str, *, echo: bool) -> Engine:
+    # hide_parameters: bound values (emails, names, tokens) never reach log lines or
+    # the text of a database error that a log line might carry.
     if url.startswith("sqlite"):
         # JSON stored as UTF-8, not \u-escaped: SQLite's JSON paths compare keys as
         # stored, so "$.\"fidélité\"" would never find an escaped key.
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30},
-                               json_serializer=_json_utf8)
+                               json_serializer=_json_utf8, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -90,7 +94,7 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True)
+    return create_engine(url, echo=echo, pool_pre_ping=True, hide_parameters=True)
 
 
 def _json_utf8(value: object) -> str:
