@@ -22,7 +22,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.extensions["passerelle"] = services
 
     from app.cli import register_commands
-    from app.web import csrf, demo, errors, google, health, limits, links, passkit
+    from app.web import csrf, demo, errors, google, health, limits, links, ops, passkit
 
     register_commands(app)
 
@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     errors.register(app)
     limits.init(app, settings.redis_url)
     app.register_blueprint(health.bp)
+    ops.init(app)  # /readyz, /metrics and the request metrics
     app.register_blueprint(demo.bp)
     app.register_blueprint(passkit.bp)
     app.register_blueprint(google.bp)

@@ -13,12 +13,23 @@ from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import select
 from tqdm import tqdm
 
-from app import bulk, certs, diagnostics, links, links_export, logs, migrate, tenants, updates
+from app import (
+    bulk,
+    certs,
+    diagnostics,
+    links,
+    links_export,
+    logs,
+    migrate,
+    readiness,
+    tenants,
+    updates,
+)
 from app import demo as demo_data
 from app.customers import ImportFileError, import_csv
-from app.models import AppleIdentity, Customer, Program, Tenant, utcnow
+from app.models import Customer, Program, Tenant, utcnow
 from app.passes.template import TemplateError
-from app.services import Services, identity_password
+from app.services import Services
 
 
 def _create_app():  # type: ignore[no-untyped-def]
@@ -93,39 +104,12 @@ def certs_dev(pass_type_identifier: str, team_identifier: str, overwrite: bool) 
     click.echo(f"private key:         {paths.key}")
 
 
-def check_all_certificates(svc: Services) -> tuple[list[str], list[str]]:
-    """Check every registered identity and every program's pass type. (errors, warnings)"""
-    errors: list[str] = []
-    warnings: list[str] = []
-    with svc.db.session() as session:
-        identities = session.scalars(select(AppleIdentity)).all()
-        programs = session.scalars(select(Program)).all()
-        known = {i.pass_type_identifier for i in identities}
-        for identity in identities:
-            try:
-                password = identity_password(identity)
-            except certs.CertificateError as exc:
-                errors.append(str(exc))
-                continue
-            for problem in certs.check_identity(
-                    svc.settings.certs_path, identity.certificate_file, identity.key_file,
-                    password, identity.pass_type_identifier, identity.team_identifier,
-                    warn_days=svc.settings.cert_warn_days):
-                line = f"{identity.pass_type_identifier}: {problem.message}"
-                (errors if problem.level == "error" else warnings).append(line)
-        for program in programs:
-            if program.pass_type_identifier not in known:
-                errors.append(f"program {program.slug!r}: no certificate registered for "
-                              f"{program.pass_type_identifier!r}")
-    return errors, warnings
-
-
 @certs_group.command("check")
 @with_appcontext
 def certs_check() -> None:
     """Verify key/certificate pairs, pass type ids, chains and expiry."""
     _ensure_migrated()
-    errors, warnings = check_all_certificates(services())
+    errors, warnings = readiness.check_certificates(services())
     for line in warnings:
         click.secho(f"warning: {line}", fg="yellow", err=True)
     for line in errors:
@@ -273,7 +257,7 @@ def _configure_logs(svc: Services) -> None:
 
 
 def _refuse_bad_certificates(svc: Services) -> None:
-    errors, warnings = check_all_certificates(svc)
+    errors, warnings = readiness.check_certificates(svc)
     for line in warnings:
         click.secho(f"warning: {line}", fg="yellow", err=True)
     if errors and svc.settings.strict_certs:

@@ -82,6 +82,8 @@ class Settings:
     log_format: str = "text"
     #: Log level of ``serve``, ``up`` and ``worker``: DEBUG, INFO, WARNING, ERROR.
     log_level: str = "INFO"
+    #: Bearer token for /metrics. Empty: /metrics answers loopback clients only.
+    metrics_token: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
