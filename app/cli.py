@@ -22,6 +22,7 @@ from app import (
     logs,
     migrate,
     readiness,
+    retention,
     tenants,
     updates,
 )
@@ -1369,6 +1370,33 @@ def cards_build(program_slug: str, tenant_slug: str | None, out_dir: Path, worke
     click.echo(f"{report.written} cards written to {out_dir} "
                f"({report.changed} with new content)")
     exit_on_item_errors([f"error: {error}" for error in report.errors])
+
+
+# -- retention -----------------------------------------------------------------------
+
+@main.command("prune")
+@click.option("--table", "tables", multiple=True,
+              type=click.Choice([p.name for p in retention.POLICIES]),
+              help="Only these tables (repeatable). Default: every table.")
+@click.option("--batch", default=retention.BATCH, show_default=True,
+              type=click.IntRange(1, 100_000), help="Rows deleted per transaction.")
+@with_appcontext
+def prune_command(tables: tuple[str, ...], batch: int) -> None:
+    """Delete logs and finished outbox rows past their retention (PASSERELLE_RETENTION)."""
+    _ensure_migrated()
+    svc = services()
+    try:
+        days = retention.effective_days(svc.settings.retention)
+    except ValueError as exc:
+        fail(str(exc))
+    with tqdm(unit="row", desc="prune", disable=None) as bar:
+        deleted = retention.prune(svc.db, svc.settings.retention, batch=batch,
+                                  only=set(tables) or None,
+                                  progress=lambda _table, count: bar.update(count))
+    for table, count in deleted.items():
+        click.echo(f"{table}: {count} rows deleted (older than {days[table]} days)")
+    for table in sorted(set(tables or days) - set(deleted)):
+        click.echo(f"{table}: kept forever (retention 0)")
 
 
 if __name__ == "__main__":  # python -m app.cli

@@ -84,6 +84,9 @@ class Settings:
     log_level: str = "INFO"
     #: Bearer token for /metrics. Empty: /metrics answers loopback clients only.
     metrics_token: str = ""
+    #: Days to keep logs and finished outbox rows, per table, over the defaults in
+    #: app/retention.py: ``push_attempts=14,funnel_events=0`` (0 = keep forever).
+    retention: str = ""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

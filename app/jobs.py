@@ -21,7 +21,7 @@ from typing import Any
 from huey import Huey, RedisHuey, SqliteHuey, crontab
 from huey.api import TaskWrapper
 
-from app import pushes, webhooks_out
+from app import pushes, retention, webhooks_out
 from app.config import Settings
 from app.crm import outbox as crm_outbox
 
@@ -91,6 +91,16 @@ class JobQueue:
         self.send_card_mail, self.sweep_card_mail = self._durable(
             "send_card_mail", "sweep_card_mail", "card-link mails", _card_mail,
             _card_mail_sweep)
+        self.prune = self.huey.periodic_task(crontab(minute="17", hour="3"), name="prune")(
+            self._prune)
+
+    def _prune(self) -> dict[str, int]:
+        """Daily retention (app/retention.py): every worker runs it; the deletes are
+        batched and idempotent, so two workers at once only share the work."""
+        settings = self.services.settings  # type: ignore[attr-defined]
+        deleted = retention.prune(self.services.db, settings.retention)  # type: ignore[attr-defined]
+        log.info("pruned %s", ", ".join(f"{t} {n}" for t, n in deleted.items() if n) or "nothing")
+        return deleted
 
     def _durable(self, task_name: str, sweep_name: str, what: str,
                  attempt: Callable[[Any, int], Attempt],
