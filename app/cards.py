@@ -105,7 +105,9 @@ def next_last_modified(previous: dt.datetime | None) -> dt.datetime:
 
     HTTP dates have one-second resolution: two versions in the same second would
     share a Last-Modified, and a device holding the first would get 304 for the
-    second. So each version's Last-Modified is a distinct second.
+    second. So each version's Last-Modified is a distinct second. After quick
+    updates it can be ahead of the clock: it orders versions, and is never sent
+    as such (``passkit.latest_pass`` sends at most the current time).
     """
     now = utcnow()
     if previous is None:

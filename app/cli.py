@@ -6,6 +6,7 @@ import datetime as dt
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import click
 from flask import current_app
@@ -228,9 +229,7 @@ def up(host: str, port: int) -> None:
     public = svc.settings.public_url
     click.echo(f"Passerelle is serving on http://{host}:{port}")
     click.echo(f"Demo: {public}/demo/")
-    from waitress import serve
-
-    serve(app, host=host, port=port, threads=8)
+    _serve(app, svc, host, port, threads=8)
 
 
 @main.command("serve")
@@ -244,10 +243,26 @@ def serve_command(host: str, port: int, threads: int) -> None:
     _configure_logs(svc)
     _ensure_migrated()
     _refuse_bad_certificates(svc)
+    click.echo(f"Passerelle is serving on http://{host}:{port}")
+    _serve(current_app._get_current_object(), svc, host, port, threads)  # type: ignore[attr-defined]
+
+
+def _serve(app: Any, svc: Services, host: str, port: int, threads: int) -> None:
+    """The production WSGI server (waitress).
+
+    Proxy headers are read by the application, whatever the server: ProxyFix
+    (app/__init__.py) turns the ``PASSERELLE_TRUSTED_PROXIES`` last hops of
+    ``X-Forwarded-For/-Proto/-Host`` into the client address, scheme and host. The
+    server's only job is to hand those headers over. Waitress deletes every
+    ``X-Forwarded-*`` it was not told to trust before the application sees it, so
+    behind nginx all clients shared the proxy's rate limits; with trusted proxies
+    configured it now passes them through. Without, it keeps deleting them (and
+    nothing in the application would read them).
+    """
     from waitress import serve
 
-    click.echo(f"Passerelle is serving on http://{host}:{port}")
-    serve(current_app._get_current_object(), host=host, port=port, threads=threads)  # type: ignore[attr-defined]
+    serve(app, host=host, port=port, threads=threads,
+          clear_untrusted_proxy_headers=svc.settings.trusted_proxies <= 0)
 
 
 def _configure_logs(svc: Services) -> None:

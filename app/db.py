@@ -31,6 +31,11 @@ WEBHOOK_DISPATCH_KEY = "passerelle.dispatch_webhook_deliveries"
 CRM_DISPATCH_KEY = "passerelle.dispatch_crm_writes"
 #: Session.info key: callable receiving ids of mail outbox entries once committed.
 MAIL_DISPATCH_KEY = "passerelle.dispatch_mail"
+#: Session.info key: callable receiving ids of customer import jobs once committed.
+IMPORT_DISPATCH_KEY = "passerelle.dispatch_imports"
+#: Every dispatch key; ``app.outbox.queue_after_commit`` calls them after the outermost commit.
+DISPATCH_KEYS = (PUSH_DISPATCH_KEY, WEBHOOK_DISPATCH_KEY, CRM_DISPATCH_KEY, MAIL_DISPATCH_KEY,
+                 IMPORT_DISPATCH_KEY)
 
 
 class Database:
@@ -43,6 +48,7 @@ class Database:
         self.dispatch_webhook_deliveries: Callable[[list[int]], None] | None = None
         self.dispatch_crm_writes: Callable[[list[int]], None] | None = None
         self.dispatch_mail: Callable[[list[int]], None] | None = None
+        self.dispatch_imports: Callable[[list[int]], None] | None = None
 
     def session(self) -> Session:
         """An unscoped session: for system tasks (migrations, demo seeding, admin)."""
@@ -51,6 +57,7 @@ class Database:
         session.info[WEBHOOK_DISPATCH_KEY] = self.dispatch_webhook_deliveries
         session.info[CRM_DISPATCH_KEY] = self.dispatch_crm_writes
         session.info[MAIL_DISPATCH_KEY] = self.dispatch_mail
+        session.info[IMPORT_DISPATCH_KEY] = self.dispatch_imports
         return session
 
     def tenant_session(self, tenant_id: int) -> Session:

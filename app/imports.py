@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from app import updates
+from app import outbox, updates
 from app.customers import (
     BATCH_SIZE,
     STANDARD_FIELDS,
@@ -49,6 +49,7 @@ from app.customers import (
     import_csv,
     record_consent,
 )
+from app.db import IMPORT_DISPATCH_KEY
 from app.models import Customer, ImportJob, utcnow
 
 if TYPE_CHECKING:
@@ -295,6 +296,7 @@ def create_job(session: Session, services: Services, tenant_id: int, fmt: str,
                     errors=[])
     session.add(job)
     session.flush()
+    outbox.queue_after_commit(session, IMPORT_DISPATCH_KEY, [job.id])
     return job
 
 

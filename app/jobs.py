@@ -154,8 +154,8 @@ class JobQueue:
     def dispatch_mail(self, entry_ids: list[int]) -> None:
         self._queue("send_card_mail", entry_ids, "card mail")
 
-    def dispatch_import(self, job_id: int) -> None:
-        self._queue("run_import", [job_id], "import job")
+    def dispatch_imports(self, job_ids: list[int]) -> None:
+        self._queue("run_import", job_ids, "import job")
 
     def consumer(self, workers: int = 2):  # type: ignore[no-untyped-def]
         return self.huey.create_consumer(workers=workers, worker_type="thread", periodic=True,

@@ -1,4 +1,5 @@
-"""The lease mechanics shared by every outbox table (push jobs, CRM writes, webhooks).
+"""The lease mechanics shared by every outbox table (push jobs, CRM writes, webhooks,
+card mails, imports), and the one place where new rows are queued after commit.
 
 Each table has ``done_at``, ``claimed_until``, ``not_before``, ``attempts`` and
 ``created_at``. A new row is queued once its transaction commits
@@ -6,36 +7,101 @@ Each table has ``done_at``, ``claimed_until``, ``not_before``, ``attempts`` and
 after a rollback. A worker claims a row with one conditional UPDATE, so two
 workers never run the same row; a dead worker's lease simply runs out, and the
 per-minute sweeper finds the row again with :func:`due_ids`.
+
+Savepoints. SQLAlchemy fires ``after_commit`` when a savepoint is *released*
+too, and ``after_rollback`` when one is rolled back, although nothing is
+visible to other connections until the outermost transaction commits. So rows
+are kept per transaction level (the innermost savepoint, or the root
+transaction): releasing a savepoint hands its rows to the enclosing level,
+rolling one back forgets only its own rows, and only the outermost commit
+dispatches. Queueing on a savepoint release made an inbound hook's webhook go
+out a minute late (the worker could not see the row yet; the sweeper sent it).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, event, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
-_PENDING = "passerelle.outbox_rows_to_queue"
+#: Session.info key: {transaction level: {dispatch key: [row ids or rows]}}.
+_LEVELS = "passerelle.outbox_rows_to_queue"
 
 
-def queue_after_commit(session: Session, dispatch_key: str, row_ids: list[int]) -> None:
-    """Hand ``row_ids`` to the session's dispatcher under ``dispatch_key`` (set by
-    ``Database.session``, see app/db.py) once this transaction commits."""
-    session.info.setdefault(_PENDING, {}).setdefault(dispatch_key, []).extend(row_ids)
+class _Row(Protocol):
+    id: Any  # an int once flushed
+
+
+def queue_after_commit(session: Session, dispatch_key: str,
+                       rows: Iterable[int | _Row]) -> None:
+    """Hand ``rows`` (ids, or ORM rows whose id is read at commit) to the session's
+    dispatcher under ``dispatch_key`` (set by ``Database.session``, see app/db.py)
+    once the outermost transaction commits."""
+    level = _level(session)
+    if level is None:
+        session.connection()  # begins the transaction the rows belong to
+        level = _level(session)
+    assert level is not None
+    levels: dict[SessionTransaction, dict[str, list[int | _Row]]] = session.info.setdefault(
+        _LEVELS, {})
+    levels.setdefault(level, {}).setdefault(dispatch_key, []).extend(rows)
+
+
+def _level(session: Session) -> SessionTransaction | None:
+    """The transaction now committing or rolling back, or where new rows belong: the
+    innermost open savepoint, else the root transaction."""
+    return session.get_nested_transaction() or session.get_transaction()
+
+
+def _enclosing(level: SessionTransaction) -> SessionTransaction:
+    parent = level.parent
+    assert parent is not None
+    while parent.parent is not None and not parent.nested:  # skip flush subtransactions
+        parent = parent.parent
+    return parent
 
 
 @event.listens_for(Session, "after_commit")
 def _queue_committed(session: Session) -> None:
-    for dispatch_key, row_ids in session.info.pop(_PENDING, {}).items():
+    levels = session.info.get(_LEVELS)
+    level = _level(session)
+    if not levels or level is None:
+        return
+    rows = levels.pop(level, {})
+    if level.nested:  # a savepoint released: its rows now belong to the enclosing level
+        target = levels.setdefault(_enclosing(level), {})
+        for dispatch_key, items in rows.items():
+            target.setdefault(dispatch_key, []).extend(items)
+        return
+    session.info.pop(_LEVELS, None)
+    for dispatch_key, items in rows.items():
+        ids = list(dict.fromkeys(item if isinstance(item, int) else item.id for item in items))
+        ids = [row_id for row_id in ids if row_id is not None]
         dispatch = session.info.get(dispatch_key)
-        if row_ids and dispatch is not None:
-            dispatch(row_ids)
+        if ids and dispatch is not None:
+            dispatch(ids)
 
 
 @event.listens_for(Session, "after_rollback")
 def _forget_rolled_back(session: Session) -> None:
-    session.info.pop(_PENDING, None)
+    levels = session.info.get(_LEVELS)
+    level = _level(session)
+    if not levels:
+        return
+    if level is not None and level.nested:
+        levels.pop(level, None)  # only the savepoint's rows; the enclosing ones stand
+    else:
+        session.info.pop(_LEVELS, None)
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_at_end(session: Session, transaction: SessionTransaction) -> None:
+    # A session closed without commit or rollback: nothing of it is ever queued.
+    if transaction.parent is None:
+        session.info.pop(_LEVELS, None)
 
 
 def backoff(attempt: int, first: dt.timedelta, ceiling: dt.timedelta) -> dt.timedelta:

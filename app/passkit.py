@@ -8,8 +8,10 @@ and an unknown serial costs the same comparison as a wrong token.
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
 from app import cards, install_state, updates
-from app.models import Card, DeviceLog, Program, Registration
+from app.models import Card, DeviceLog, Program, Registration, utcnow
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -142,21 +144,54 @@ class LatestPass:
     card: Card
     render: cards.RenderedCard
     data: bytes | None  # None when the device already has it (304)
+    last_modified: dt.datetime  # what to send as Last-Modified: never later than now
+    etag: str  # opaque (weak) validator of the card's version
+
+
+def version_tag(card: Card) -> str:
+    """A weak ETag value: it changes exactly when version and Last-Modified move."""
+    return f"{card.version}-{(card.content_hash or '')[:16]}"
 
 
 def latest_pass(session: Session, services: Services, card: Card,
-                if_modified_since: object | None) -> LatestPass:
-    """Re-render (catching changes made out of band), then sign unless unchanged."""
+                if_modified_since: dt.datetime | None,
+                if_none_match: Collection[str] | None = None) -> LatestPass:
+    """Re-render (catching changes made out of band), then sign unless unchanged.
+
+    ``if_none_match``: the request's entity tags (weak or strong, ``*`` for any).
+
+    Last-Modified, and why it is never later than now. HTTP dates count whole
+    seconds, so ``cards.next_last_modified`` gives each version its own second,
+    one after the previous version's: a device holding version N (date D) then
+    always finds N+1 later than D. After several quick updates that stored
+    second is ahead of the clock, and RFC 9110 §8.8.2.1 forbids sending a
+    Last-Modified in the future. So the stored value is what If-Modified-Since
+    is compared with, and the response says ``min(stored, now)``: a date a
+    device can only hold if its copy is not newer than the stored second.
+    Ordering is kept (every date sent for version N is <= N's stored second <
+    N+1's), nothing sent is in the future, and a device that fetched a version
+    whose second had not yet come gets it once more before its 304s (rare: only
+    after updates quicker than one a second). Clients that send If-None-Match
+    with the ETag are answered by the version itself (RFC 9110 §13.2.2: it takes
+    precedence over If-Modified-Since).
+    """
     identity = cards.apple_identity(session, card.program)
     builder = services.pass_builder(card.program, identity)
     rendered = cards.render(card, services, builder)
     if rendered.changed:
         updates.mark_changed(session, [card])
     session.commit()
-    modified = card.last_modified.replace(microsecond=0)
-    if if_modified_since is not None and modified <= if_modified_since:  # type: ignore[operator]
-        return LatestPass(card, rendered, None)
-    return LatestPass(card, rendered, builder.packager.build(rendered.pass_json, builder.signer))
+    stored = card.last_modified.replace(microsecond=0)
+    shown = min(stored, utcnow().replace(microsecond=0))
+    tag = version_tag(card)
+    if if_none_match:
+        unchanged = "*" in if_none_match or tag in if_none_match
+    else:
+        unchanged = if_modified_since is not None and stored <= if_modified_since
+    if unchanged:
+        return LatestPass(card, rendered, None, shown, tag)
+    return LatestPass(card, rendered, builder.packager.build(rendered.pass_json, builder.signer),
+                      shown, tag)
 
 
 def parse_logs(body: object) -> list[str]:

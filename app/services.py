@@ -43,6 +43,7 @@ class Services:
         self.db.dispatch_webhook_deliveries = self.jobs.dispatch_webhooks
         self.db.dispatch_crm_writes = self.jobs.dispatch_crm
         self.db.dispatch_mail = self.jobs.dispatch_mail
+        self.db.dispatch_imports = self.jobs.dispatch_imports
 
     @property
     def apns(self) -> ApnsPool:

@@ -2,9 +2,10 @@
 
 Why an outbox. An event is a ``WebhookDelivery`` row (one per matching
 subscription) written in the transaction that made the change, so an event
-exists if and only if its change was committed. After commit its id goes to
-the job queue (the ``WEBHOOK_DISPATCH_KEY`` hook in app/db.py, like push jobs);
-if the queue or the worker is down, the per-minute sweeper finds the row.
+exists if and only if its change was committed. After the outermost commit its
+id goes to the job queue (``app.outbox.queue_after_commit`` with
+``WEBHOOK_DISPATCH_KEY``, like every outbox); if the queue or the worker is
+down, the per-minute sweeper finds the row.
 
 Signature (documented for receivers in docs/webhooks.md)::
 
@@ -91,7 +92,6 @@ DATA_FIELDS = ("external_id", "email", "first_name", "last_name", "locale", "pho
                "attributes")
 
 _SUBSCRIPTIONS = "passerelle.webhook_subscriptions"  # {tenant_id: [(id, event types)]}
-_NEW_DELIVERIES = "passerelle.new_webhook_deliveries"  # WebhookDelivery objects to dispatch
 _PENDING = "passerelle.webhook_pending"  # {(customer key): PendingCustomer}
 _TENANT_SLUGS = "passerelle.webhook_tenant_slugs"
 _LOADED_ATTRIBUTES = "passerelle.loaded_attributes"  # InstanceState.info key
@@ -216,7 +216,7 @@ def emit(session: Session, tenant_id: int, event_type: str, data: dict[str, Any]
                                   event_id=payload["id"], event_type=event_type,
                                   payload=payload) for sub_id in targets]
     session.add_all(deliveries)
-    session.info.setdefault(_NEW_DELIVERIES, []).extend(deliveries)
+    outbox.queue_after_commit(session, WEBHOOK_DISPATCH_KEY, deliveries)  # ids read at commit
 
 
 def _tenant_slug(session: Session, tenant_id: int) -> str | None:
@@ -397,18 +397,13 @@ def _emit_pending(session: Session) -> None:
 
 
 @event.listens_for(Session, "after_commit")
-def _dispatch_committed(session: Session) -> None:
+def _forget_subscriptions(session: Session) -> None:
     session.info.pop(_SUBSCRIPTIONS, None)
-    deliveries: list[WebhookDelivery] = session.info.pop(_NEW_DELIVERIES, [])
-    dispatch = session.info.get(WEBHOOK_DISPATCH_KEY)
-    ids = [d.id for d in deliveries if d.id is not None]
-    if ids and dispatch is not None:
-        dispatch(ids)
 
 
 @event.listens_for(Session, "after_rollback")
 def _forget_rolled_back(session: Session) -> None:
-    for key in (_SUBSCRIPTIONS, _NEW_DELIVERIES, _PENDING):
+    for key in (_SUBSCRIPTIONS, _PENDING):
         session.info.pop(key, None)
 
 
@@ -548,5 +543,5 @@ def redeliver(session: Session, delivery_id: int) -> WebhookDelivery:
                            payload=dict(original.payload))
     session.add(copy)
     session.flush()
-    session.info.setdefault(_NEW_DELIVERIES, []).append(copy)
+    outbox.queue_after_commit(session, WEBHOOK_DISPATCH_KEY, [copy.id])
     return copy

@@ -197,6 +197,43 @@ def test_card_timeline_command(client, services, card, app) -> None:  # type: ig
     assert missing.exit_code == 1 and "no card with serial 'nope'" in missing.output
 
 
+def _points_shown(response) -> str:  # type: ignore[no-untyped-def]
+    with zipfile.ZipFile(io.BytesIO(response.data)) as zf:
+        pass_json = json.loads(zf.read("pass.json"))
+    value = next(f["value"] for f in pass_json["storeCard"]["primaryFields"]
+                 if f["key"] == "points")
+    return "".join(ch for ch in value if ch.isdigit())  # grouped per the member's locale
+
+
+def test_quick_updates_keep_order_without_a_future_last_modified(client, services,  # type: ignore[no-untyped-def]
+                                                                 card) -> None:
+    """Several updates in a row, the device fetching after each (as pushes make it do):
+    each fetch is the new version, and no Last-Modified is later than the clock."""
+    url = f"/passkit/v1/passes/{PASS_TYPE}/{card['serial']}"
+    held = client.get(url, headers=auth(card))  # what the device has
+    shown: list[str] = []
+    for points in range(7001, 7006):
+        with services.db.session() as session:
+            customer = session.get(Card, card["id"]).customer
+            customer.attributes = {**customer.attributes, "points": points}
+            assert updates.customers_changed(session, services, [customer]).changed
+            session.commit()
+        fresh = client.get(url, headers={**auth(card),
+                                          "If-Modified-Since": held.headers["Last-Modified"]})
+        now = dt.datetime.now(dt.UTC)
+        assert fresh.status_code == 200, points  # the device's copy is older: never a 304
+        assert fresh.last_modified is not None and fresh.last_modified <= now, (
+            fresh.headers["Last-Modified"], now)
+        shown.append(_points_shown(fresh))
+        by_tag = client.get(url, headers={**auth(card), "If-None-Match": held.headers["ETag"]})
+        assert by_tag.status_code == 200  # an older version's ETag: the new pass
+        held = fresh
+    assert shown == ["7001", "7002", "7003", "7004", "7005"]
+    current = client.get(url, headers={**auth(card), "If-None-Match": held.headers["ETag"],
+                                       "If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"})
+    assert current.status_code == 304 and current.headers["ETag"] == held.headers["ETag"]
+
+
 def test_log_endpoint_is_rate_limited(client) -> None:  # type: ignore[no-untyped-def]
     codes = [client.post("/passkit/v1/log", json={"logs": ["x"]}).status_code for _ in range(61)]
     assert codes[:60] == [200] * 60

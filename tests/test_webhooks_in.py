@@ -238,6 +238,34 @@ def test_inbound_change_emits_customer_updated_webhook(client, services, demo) -
                      ("consent.changed", None)]
 
 
+def test_inbound_hook_queues_its_webhook_and_push_only_once_committed(  # type: ignore[no-untyped-def]
+        client, services, demo, device) -> None:
+    """The hook applies the event inside savepoints; releasing one is not a commit. Every
+    row handed to the queue must already be visible to another connection (a worker)."""
+    seen: dict[str, list[tuple[int, bool]]] = {"webhook": [], "push": []}
+
+    def recorder(kind: str, model: Any):  # type: ignore[no-untyped-def]
+        def dispatch(ids: list[int]) -> None:
+            with services.db.engine.connect() as worker:  # not the request's connection
+                visible = set(worker.scalars(select(model.id).where(model.id.in_(ids))))
+            seen[kind] += [(row_id, row_id in visible) for row_id in ids]
+        return dispatch
+
+    services.db.dispatch_webhook_deliveries = recorder("webhook", webhooks_out.WebhookDelivery)
+    services.db.dispatch_push_jobs = recorder("push", PushJob)
+    with services.db.transaction(demo["tenant_id"]) as session:
+        webhooks_out.create_subscription(session, demo["tenant_id"], "https://x.test/h",
+                                         ["customer.updated"])
+    secret = _hook(services)
+    answer = _post(client, secret, {"id": "late-1", "type": "points.credited",
+                                    "customer": {"id": "C-1002"}, "points": 5})
+    assert answer.get_json()["status"] == "applied"
+    with services.db.session() as session:
+        [delivery] = session.scalars(select(webhooks_out.WebhookDelivery.id))
+        [job] = session.scalars(select(PushJob.id).where(PushJob.card_id == device))
+    assert seen == {"webhook": [(delivery, True)], "push": [(job, True)]}
+
+
 # -- bad events are stored, never dropped ---------------------------------------------------
 
 def test_malformed_json_is_stored_failed_and_reported(client, services, demo) -> None:  # type: ignore[no-untyped-def]

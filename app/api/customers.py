@@ -206,8 +206,7 @@ def import_customers() -> Any:
     svc = services()
     job = imports.create_job(session, svc, tenant_id(), fmt, data)
     record("customer.import", f"import:{job.id}", {"format": fmt, "bytes": len(data)})
-    session.commit()
-    svc.jobs.dispatch_import(job.id)
+    session.commit()  # queues the job (app/outbox.py: queue_after_commit)
     session.refresh(job)
     return reply(import_out(job), 202, {"Location": f"{request.path}/{job.id}"})
 

@@ -86,13 +86,16 @@ def latest_pass(pass_type: str, serial: str):  # type: ignore[no-untyped-def]
     with svc.db.session() as session:
         card = passkit.authenticate(session, pass_type, serial,
                                     request.headers.get("Authorization"))
-        latest = passkit.latest_pass(session, svc, card, request.if_modified_since)
-        last_modified = latest.card.last_modified
+        tags = request.if_none_match
+        matching = (tags.as_set(include_weak=True) | ({"*"} if tags.star_tag else set())
+                    if tags else None)
+        latest = passkit.latest_pass(session, svc, card, request.if_modified_since, matching)
     if latest.data is None:
         response = Response(status=304)
     else:
         response = Response(latest.data, mimetype=PKPASS_MIMETYPE)
-    response.last_modified = last_modified
+    response.last_modified = latest.last_modified  # never later than now (see passkit.py)
+    response.set_etag(latest.etag, weak=True)
     response.headers["Cache-Control"] = "no-cache"
     return response
 
