@@ -37,7 +37,10 @@ What it checks, like Google does:
   class cannot go back to DRAFT.
 - PATCH replaces the top-level fields it names (arrays replaced whole; ``null`` clears);
   PUT replaces everything; ``notifyPreference`` is ephemeral (not stored).
-- GET of an object adds ``classReference`` (a copy of its class), as Google does.
+- GET of an object adds ``classReference`` (a copy of its class), as Google does, for the
+  kinds whose schema has that field (LoyaltyObject has it; GenericObject does not).
+- Every collection is checked against its own schema, on every write (insert, PATCH, PUT,
+  addMessage): a GenericClass body is a GenericClass, whatever kind was used before.
 
 Also ``GET /keys`` serves :attr:`GoogleStandin.root_keys_json` with the
 ``Cache-Control`` header :attr:`GoogleStandin.keys_cache_control` (callback root keys).
@@ -585,7 +588,8 @@ class GoogleStandin:
 
     def _present(self, collection: Collection, stored: dict) -> dict:
         answer = copy.deepcopy(stored)
-        if not collection.is_class:
+        props = discovery()["schemas"][collection.schema]["properties"]
+        if not collection.is_class and "classReference" in props:
             parent = self.objects[collection.class_collection].get(stored.get("classId"))
             if parent is not None:
                 answer["classReference"] = copy.deepcopy(parent)

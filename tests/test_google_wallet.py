@@ -107,6 +107,42 @@ def test_save_link_is_a_skinny_jwt_for_a_validated_object(client, services, goog
     assert len(standin.api_requests("POST")) + len(standin.api_requests("PATCH")) == writes
 
 
+def test_a_generic_program_saves_and_updates_through_google(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    """The demo's club program (template kind "generic"): class and object are accepted by
+    the stand-in, which validates GenericClass/GenericObject against the discovery document."""
+    serial = _serial(services, program="club")
+    token = _save(client, serial)
+    claims = jwt.decode(token, _public_key(google), algorithms=["RS256"], audience="google")
+    [ref] = claims["payload"]["genericObjects"]
+    assert ref["id"] == f"{ISSUER}.{serial}"
+    stored_class = standin.objects["genericClass"][ref["classId"]]
+    assert stored_class["callbackOptions"]["url"].endswith(f"/google/callback/{ISSUER}")
+    stored = standin.objects["genericObject"][ref["id"]]
+    assert stored["hexBackgroundColor"] == "#123456"  # the colour lives on a generic object
+    assert stored["header"]["defaultValue"]["value"] == "Camille Martin"
+    assert standin.objects["loyaltyClass"] == {} and standin.objects["loyaltyObject"] == {}
+
+    # A notifying change (membership_level is in the template's notify list) patches the
+    # generic object and adds a lock-screen message to it.
+    with services.db.transaction() as session:
+        customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+        customer.attributes = {**customer.attributes, "membership_level": "Platinum"}
+        updates.customers_changed(session, services, [customer])
+    with services.db.session() as session:
+        job_ids = list(session.scalars(select(PushJob.id).join(Card).join(Program).where(
+            PushJob.channel == "google", Program.slug == "club")))
+    assert job_ids
+    for job_id in job_ids:
+        assert pushes.deliver(services, job_id).state == "done"
+    [patch] = [r for r in standin.api_requests("PATCH") if r.path.endswith(ref["id"])]
+    assert patch.path.startswith("/walletobjects/v1/genericObject/")
+    level = next(m for m in standin.objects["genericObject"][ref["id"]]["textModulesData"]
+                 if m["id"] == "level")
+    assert level["body"] == "Platinum"
+    [message] = [r for r in standin.api_requests("POST") if r.path.endswith("/addMessage")]
+    assert message.path == f"/walletobjects/v1/genericObject/{ref['id']}/addMessage"
+
+
 def _change_points(services, points: int, tier: str | None = None) -> list[int]:  # type: ignore[no-untyped-def]
     with services.db.transaction() as session:
         customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))

@@ -119,9 +119,7 @@ def sync_object(session: Session, services: Services, client: GoogleWalletClient
         return row
     first_sync = row.synced_at is None
     if not (first_sync and _inserted(session, client, card, resource, body)):
-        # PATCH replaces arrays whole, so every array is sent in full; an empty
-        # messages list keeps Google's 10-message cap from ever being reached.
-        client.patch(resource, body["id"], {**body, "messages": []})
+        client.patch(resource, body["id"], objects.patch_body(body))
         if not first_sync:  # an object we lost track of is brought back silently
             _notify_if_due(session, services, client, card, row, resource)
     row.content_hash, row.synced_at = digest, utcnow()
@@ -172,9 +170,9 @@ def _notify_if_due(session: Session, services: Services, client: GoogleWalletCli
     text = objects.notify_text(template, cards.card_input(card, services))
     if not text:
         return False
-    client.add_message(resource, row.object_id, {
-        "id": f"n{int(time.time() * 1000)}{secrets.token_hex(2)}",
-        "header": card.program.name[:35], "body": text[:500], "messageType": "TEXT_AND_NOTIFY"})
+    client.add_message(resource, row.object_id, objects.message(
+        f"n{int(time.time() * 1000)}{secrets.token_hex(2)}", card.program.name, text,
+        notify=True))
     session.add(GoogleNotification(tenant_id=card.tenant_id, google_object_id=row.id))
     return True
 
