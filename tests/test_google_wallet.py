@@ -11,13 +11,14 @@ from urllib.parse import urlsplit
 
 import jwt
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app import pushes, updates
 from app.google import wallet as google_wallet
 from app.models import (
     Card,
     Customer,
+    GoogleCallbackNonce,
     GoogleClass,
     GoogleNotification,
     GoogleObject,
@@ -305,6 +306,30 @@ def test_callback_for_another_issuer_is_refused(client, services, google, signer
     assert _post(client, body).status_code == 400
     assert _post(client, signer.callback(class_id, object_id), "not-a-number").status_code == 404
     assert _state(services) == (False, [])
+
+
+def _nonces(services) -> int:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        return session.scalar(select(func.count()).select_from(GoogleCallbackNonce)) or 0
+
+
+def test_callback_for_an_issuer_no_tenant_configured_is_refused(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    """Validly signed by Google for an issuer of ours no more (or never): 404, nothing kept."""
+    stranger = "3388000000099999999"
+    signer = GoogleSigner(stranger)
+    standin.root_keys_json = signer.root_keys_document()
+    body = signer.callback(f"{stranger}.other-club", f"{stranger}.someone", "save")
+    response = _post(client, body, issuer=stranger)
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
+    assert response.get_json()["status"] == 404
+    assert _nonces(services) == 0 and _state(services) == (None, [])
+
+    # The same issuer once a tenant configures it: accepted, the nonce is kept.
+    with services.db.transaction() as session:
+        session.scalar(select(Tenant)).google_issuer_id = stranger
+    assert _post(client, body, issuer=stranger).status_code == 200
+    assert _nonces(services) == 1
 
 
 def test_no_root_keys_means_retry_later(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]

@@ -210,6 +210,12 @@ def save_url(session: Session, services: Services, card: Card,
     return SAVE_URL + token
 
 
+def issuer_configured(session: Session, issuer_id: str) -> bool:
+    """Whether some tenant uses this Google issuer id (callbacks for others are refused)."""
+    return session.scalar(select(Tenant.id).where(Tenant.google_issuer_id == issuer_id)
+                          .limit(1)) is not None
+
+
 def apply_callback(session: Session, message: CallbackMessage) -> bool:
     """Record a verified save/del callback once; True if the install state changed.
 

@@ -48,7 +48,7 @@ def image(template: str, role: str):  # type: ignore[no-untyped-def]
 @bp.post("/google/callback/<issuer_id>")
 def callback(issuer_id: str):  # type: ignore[no-untyped-def]
     from app.google.callbacks import CallbackError, verify_callback
-    from app.google.wallet import apply_callback
+    from app.google.wallet import apply_callback, issuer_configured
 
     if not issuer_id.isdigit() or len(issuer_id) > 20:
         return problem(404, "Not Found", "unknown issuer")
@@ -56,6 +56,12 @@ def callback(issuer_id: str):  # type: ignore[no-untyped-def]
     if len(body) > 64 * 1024:
         return problem(413, "Payload Too Large", "callback body too large")
     svc = services()
+    with svc.db.session() as session:
+        known = issuer_configured(session, issuer_id)
+    if not known:
+        # Nothing is verified or stored for an issuer no tenant has (any more).
+        log.warning("refused a Google callback for unconfigured issuer %s", issuer_id)
+        return problem(404, "Not Found", "unknown issuer")
     try:
         root_keys = svc.google_root_keys.keys()
     except CallbackError as exc:
