@@ -415,7 +415,8 @@ class GoogleObject(TenantOwned, Base):
     # Values of the "notify" variables last sent, to tell a notifying change from others.
     notified_values: Mapped[dict[str, Any]] = mapped_column(default=dict)
     synced_at: Mapped[dt.datetime | None]
-    # From save/del callbacks; the event time orders them (a late save cannot undo a del).
+    # From save/del callbacks; their expTimeMillis orders them (a late save cannot undo a
+    # del; at equal expTimeMillis the del wins).
     saved: Mapped[bool] = mapped_column(Boolean, default=False)
     saved_state_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
 

@@ -4,6 +4,7 @@ notification budget; signed callbacks through the endpoint flip install state on
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -13,10 +14,11 @@ import jwt
 import pytest
 from sqlalchemy import func, select
 
-from app import pushes, updates
+from app import install_state, pushes, updates
 from app.google import wallet as google_wallet
 from app.models import (
     Card,
+    CardInstallState,
     Customer,
     GoogleCallbackNonce,
     GoogleClass,
@@ -282,6 +284,65 @@ def test_callbacks_flip_install_state_once_per_event(client, services, google, s
     assert _post(client, late_save).status_code == 200  # older than the del: logged only
     saved, kinds = _state(services)
     assert saved is False and kinds == ["saved", "deleted", "saved"]
+
+
+def _events(services) -> list[tuple[str, dt.datetime]]:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        return [(kind, when) for kind, when in session.execute(
+            select(InstallEvent.kind, InstallEvent.occurred_at).where(
+                InstallEvent.platform == "google", InstallEvent.kind.in_(("saved", "deleted")))
+            .order_by(InstallEvent.id))]
+
+
+def _install_state(services) -> tuple[str, dt.datetime | None, dt.datetime | None]:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        row = session.scalar(select(CardInstallState).where(CardInstallState.platform == "google"))
+        return row.state, row.first_installed_at, row.removed_at
+
+
+def test_callback_events_are_timed_when_received_not_at_expiry(client, services, google, signer) -> None:  # type: ignore[no-untyped-def]
+    """Google's expTimeMillis is about an hour after sending: never an event's time."""
+    class_id, object_id = _saved_object(client, services)
+    hour = 3_600_000
+    before = dt.datetime.now(dt.UTC)
+    save = signer.callback(class_id, object_id, "save", exp_time_millis=_millis(before) + hour)
+    assert _post(client, save).status_code == 200
+    after = dt.datetime.now(dt.UTC)
+    [(kind, when)] = _events(services)
+    assert kind == "saved" and before <= when <= after
+    state, installed_at, _ = _install_state(services)
+    assert state == "installed" and before <= installed_at <= after
+
+
+@pytest.mark.parametrize("arrival", ["in_order", "delete_first"])
+@pytest.mark.parametrize("gap_ms", [30_000, 0])
+def test_a_save_sent_before_a_delete_never_wins(client, services, google, signer, arrival, gap_ms) -> None:  # type: ignore[no-untyped-def]
+    """Ordering still follows Google's expTimeMillis, whatever order callbacks arrive in
+    (at the same expTimeMillis the delete wins), and the log rebuilds to the same state."""
+    class_id, object_id = _saved_object(client, services)
+    exp = _millis(dt.datetime.now(dt.UTC)) + 3_600_000
+    save = signer.callback(class_id, object_id, "save", exp_time_millis=exp - gap_ms)
+    delete = signer.callback(class_id, object_id, "del", exp_time_millis=exp)
+    for body in ([save, delete] if arrival == "in_order" else [delete, save]):
+        assert _post(client, body).status_code == 200
+    now = dt.datetime.now(dt.UTC)
+    assert _state(services)[0] is False
+    state, _, removed_at = _install_state(services)
+    assert state == "removed" and removed_at <= now
+    events = dict(_events(services))
+    assert events["saved"] <= events["deleted"] <= now  # nothing in the future
+    install_state.rebuild(services)
+    assert _install_state(services)[0] == "removed"
+
+    # A later save (sent after the delete) installs the card again, dated when received.
+    again = signer.callback(class_id, object_id, "save", exp_time_millis=exp + 1)
+    assert _post(client, again).status_code == 200
+    assert _state(services)[0] is True and _install_state(services)[0] == "installed"
+    assert _events(services)[-1][1] <= dt.datetime.now(dt.UTC)
+
+
+def _millis(when: dt.datetime) -> int:
+    return int(when.timestamp() * 1000)
 
 
 def test_unknown_event_types_are_acknowledged(client, services, google, signer) -> None:  # type: ignore[no-untyped-def]

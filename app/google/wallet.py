@@ -27,6 +27,7 @@ from app.models import (
     GoogleClass,
     GoogleNotification,
     GoogleObject,
+    InstallEvent,
     Program,
     Tenant,
     utcnow,
@@ -216,31 +217,76 @@ def issuer_configured(session: Session, issuer_id: str) -> bool:
                           .limit(1)) is not None
 
 
-def apply_callback(session: Session, message: CallbackMessage) -> bool:
+def apply_callback(session: Session, message: CallbackMessage,
+                   received_at: dt.datetime | None = None) -> bool:
     """Record a verified save/del callback once; True if the install state changed.
 
-    The nonce's primary key makes a replay a no-op. Events are ordered by their
-    expTimeMillis, so a late 'save' after a 'del' does not bring the card back.
+    The nonce's primary key makes a replay a no-op. Google's order is the order of
+    ``expTimeMillis`` (the time Google sent the message plus a fixed validity of about
+    an hour), so a late 'save' after a 'del' does not bring the card back; at the same
+    expTimeMillis the 'del' wins, whatever arrived first. The event's *time* is when
+    Passerelle received it (``received_at``), never expTimeMillis, which lies in the
+    future (see :func:`_callback_event_time` for how the two fit together).
     """
+    received_at = received_at or utcnow()
     try:
         with session.begin_nested():
             session.add(GoogleCallbackNonce(nonce=message.nonce))
     except IntegrityError:
         return False
-    row = session.scalar(select(GoogleObject).where(GoogleObject.object_id == message.object_id))
+    # Locked until commit: callbacks for one object are applied one at a time, so the
+    # order check below and the event time read the outcome of the previous one.
+    row = session.scalar(select(GoogleObject).where(GoogleObject.object_id == message.object_id)
+                         .with_for_update().execution_options(populate_existing=True))
     if row is None or message.event_type not in ("save", "del"):
         session.commit()
         return False  # not ours, or an event type we only acknowledge
     card = session.get(Card, row.card_id)
     assert card is not None  # the object's foreign key cascades with the card
-    install_state.record(session, card, "google",
-                         "saved" if message.event_type == "save" else "deleted",
-                         occurred_at=dt.datetime.fromtimestamp(message.exp_time_millis / 1000,
-                                                               dt.UTC))
+    saved = message.event_type == "save"
+    exp = message.exp_time_millis
+    install_state.record(session, card, "google", "saved" if saved else "deleted",
+                         occurred_at=_callback_event_time(session, card, row, exp, received_at))
     changed = False
-    if message.exp_time_millis > row.saved_state_at_ms:
-        saved = message.event_type == "save"
+    if exp > row.saved_state_at_ms or (exp == row.saved_state_at_ms and not saved):
         changed = saved != row.saved
-        row.saved, row.saved_state_at_ms = saved, message.exp_time_millis
+        row.saved, row.saved_state_at_ms = saved, exp
     session.commit()
     return changed
+
+
+_TICK = dt.timedelta(microseconds=1)  # the finest step both databases keep
+
+
+def _callback_event_time(session: Session, card: Card, row: GoogleObject, exp_ms: int,
+                         received_at: dt.datetime) -> dt.datetime:
+    """The install-log time of a save/del callback: when it was received, adjusted so
+    that the log's time order is Google's expTimeMillis order.
+
+    The install state (app/install_state.py) is derived from the log by time, so the
+    log must order a card's callbacks as Google sent them, while their times must be
+    real ones (timelines, funnels). Callbacks can arrive out of order, so:
+
+    - a callback newer (by expTimeMillis) than every one applied so far is dated when
+      received -- or a microsecond after the newest logged callback if a clock (another
+      worker's, or an event logged before this rule, dated at its expiry) is ahead;
+    - one with the same expTimeMillis as the newest gets that callback's time: a tie,
+      which the derivation resolves for the removal, as the ``saved`` flag does;
+    - an older one, arriving late, is dated a microsecond before the newest logged
+      callback (which superseded it, so it did happen before it), and never after its
+      own receipt.
+
+    By induction the newest callback by expTimeMillis is always the latest in the log,
+    so the state is the same whatever order they came in, and a rebuild from the log
+    agrees. Nothing is dated in the future.
+    """
+    latest = session.scalar(select(func.max(InstallEvent.occurred_at)).where(
+        InstallEvent.card_id == card.id, InstallEvent.platform == "google",
+        InstallEvent.kind.in_(("saved", "deleted"))))
+    if latest is None:
+        return received_at
+    if exp_ms > row.saved_state_at_ms:
+        return max(received_at, latest + _TICK)
+    if exp_ms == row.saved_state_at_ms:
+        return latest
+    return min(received_at, latest - _TICK)
