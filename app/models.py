@@ -422,7 +422,10 @@ class GoogleObject(TenantOwned, Base):
 
 
 class GoogleNotification(TenantOwned, Base):
-    """A TEXT_AND_NOTIFY message sent for an object: Google allows 3 per 24 hours."""
+    """A TEXT_AND_NOTIFY message sent for an object: Google allows 3 per 24 hours.
+
+    When Google refuses one over its limit although fewer rows are counted here, rows
+    are added (sent now) up to the budget: Google's count is the one that holds."""
 
     __tablename__ = "google_notifications"
     __table_args__ = (Index("ix_google_notifications_object_time", "google_object_id", "sent_at"),)

@@ -294,3 +294,21 @@ def test_standin_keeps_generic_and_loyalty_apart(wallet, standin) -> None:  # ty
     # Google's GenericObject has no classReference (LoyaltyObject has): none is invented.
     assert "classReference" not in stored
     assert validate("GenericObject", stored, require=True) == []
+
+
+@pytest.mark.parametrize("status", [403, 429])
+def test_the_notification_limit_is_not_retried_nor_blamed_on_access(wallet, standin, sleeps, status) -> None:  # type: ignore[no-untyped-def]
+    wallet.insert("loyaltyClass", loyalty_class())
+    wallet.insert("loyaltyObject", loyalty_object())
+    standin.notify_limit, standin.notify_limit_status = 1, status
+    message = {"id": "m", "header": "Aurore", "body": "99 points", "messageType": "TEXT_AND_NOTIFY"}
+    wallet.add_message("loyaltyObject", OBJECT_ID, message)
+    with pytest.raises(GoogleApiError) as caught:
+        wallet.add_message("loyaltyObject", OBJECT_ID, {**message, "id": "m2"})
+    error = caught.value
+    assert error.status == status and error.reasons == {"quotaExceeded"}
+    assert "TEXT_AND_NOTIFY" in error.message and "add the service account" not in error.message
+    assert sleeps == []
+    # TEXT messages are not counted against the limit.
+    wallet.add_message("loyaltyObject", OBJECT_ID, {**message, "id": "m3", "messageType": "TEXT"})
+    assert len(standin.notified[OBJECT_ID]) == 1

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import jwt
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from app import install_state, pushes, updates
 from app.google import wallet as google_wallet
@@ -183,6 +183,64 @@ def test_changes_patch_the_object_and_notify_within_the_budget(client, services,
     with services.db.session() as session:
         assert session.scalar(select(GoogleNotification.id).limit(1)) is not None
         assert len(session.scalars(select(GoogleNotification)).all()) == 3
+
+
+@pytest.mark.parametrize("google_answers", [403, 429])
+def test_googles_notification_limit_drops_the_message_not_the_update(client, services, google, standin, google_answers) -> None:  # type: ignore[no-untyped-def]
+    """Our count says there is budget, Google's says there is none (a restored database,
+    or a reply lost after Google counted it): the object is patched once, the job is
+    done, the message dropped, and our count corrected so the next change stays silent."""
+    services.google_client_options = {"backoff": 0.0}
+    standin.notify_limit_status = google_answers  # 403 is what Google answers; 429 too
+    serial = _serial(services)
+    _save(client, serial)
+    object_id = f"{ISSUER}.{serial}"
+    for points in (1300, 1400, 1500):  # Google's 3 notifications for today
+        [job_id] = _change_points(services, points)
+        assert pushes.deliver(services, job_id).state == "done"
+    assert len(standin.notified[object_id]) == 3
+    with services.db.transaction() as session:  # the database is restored from yesterday
+        session.execute(delete(GoogleNotification))
+
+    [job_id] = _change_points(services, 1600)
+    assert pushes.deliver(services, job_id).state == "done"
+    with services.db.session() as session:
+        job = session.get(PushJob, job_id)
+        assert job.done_at is not None and job.not_before is None
+        # Corrected: Google says 3 were sent in its window, so we count 3 from now.
+        assert session.scalar(select(func.count(GoogleNotification.id))) == 3
+    patches = [r for r in standin.api_requests("PATCH") if r.path.endswith(object_id)]
+    assert len(patches) == 4  # 1300, 1400, 1500, 1600: once each
+    assert standin.objects["loyaltyObject"][object_id]["loyaltyPoints"]["balance"] == {
+        "int": 1600}
+    refused = [r for r in standin.log if r.path.endswith("/addMessage") and r.status >= 400]
+    assert [r.status for r in refused] == [google_answers]
+    assert len(standin.notified[object_id]) == 3  # nothing more reached the lock screen
+
+    # The next change updates silently without asking Google to notify at all.
+    [job_id] = _change_points(services, 1700)
+    assert pushes.deliver(services, job_id).state == "done"
+    messages = [r for r in standin.log if r.path.endswith("/addMessage")]
+    assert len(messages) == 4  # 3 sent, 1 refused: none for 1700
+    assert len([r for r in standin.api_requests("PATCH") if r.path.endswith(object_id)]) == 5
+
+
+def test_a_failed_message_is_retried_without_patching_again(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    """Google down while adding the message: the retry sends the message, not the PATCH."""
+    services.google_client_options = {"backoff": 0.0, "max_retries": 0}
+    serial = _serial(services)
+    _save(client, serial)
+    object_id = f"{ISSUER}.{serial}"
+    standin.fail_next(f"/walletobjects/v1/loyaltyObject/{object_id}/addMessage", 503)
+    [job_id] = _change_points(services, 1300)
+    assert pushes.deliver(services, job_id).state == "retry"
+    with services.db.transaction() as session:  # the backoff has passed
+        session.get(PushJob, job_id).not_before = None
+    assert pushes.deliver(services, job_id).state == "done"
+    assert len([r for r in standin.api_requests("PATCH") if r.path.endswith(object_id)]) == 1
+    assert len(standin.notified[object_id]) == 1
+    with services.db.session() as session:
+        assert session.scalar(select(func.count(GoogleNotification.id))) == 1
 
 
 def test_an_unchanged_rendering_is_not_patched(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]

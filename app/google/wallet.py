@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import secrets
 import time
 from pathlib import Path
@@ -35,8 +36,10 @@ from app.models import (
 
 if TYPE_CHECKING:
     from app.google.callbacks import CallbackMessage
-    from app.google.client import GoogleWalletClient
+    from app.google.client import GoogleApiError, GoogleWalletClient
     from app.services import Services
+
+log = logging.getLogger(__name__)
 
 SAVE_URL = "https://pay.google.com/gp/v/save/"
 MAX_SAFE_JWT = 1800  # Google's "maximum safe length" for a save JWT
@@ -107,7 +110,13 @@ def render_object(services: Services, card: Card) -> tuple[dict[str, Any], str]:
 
 def sync_object(session: Session, services: Services, client: GoogleWalletClient,
                 card: Card) -> GoogleObject:
-    """Insert or patch the card's object if its rendering changed; notify within budget."""
+    """Insert or patch the card's object if its rendering changed; notify within budget.
+
+    The update and the lock-screen message are two steps, each recorded as soon as it
+    lands (the caller commits, also when a later step raises): the content hash right
+    after the PATCH, the notified values after the message. So a job retried because
+    the message failed (Google unreachable) sends the message, not the PATCH again.
+    """
     body, resource = render_object(services, card)
     digest = objects.content_hash(body)
     row = session.scalar(select(GoogleObject).where(GoogleObject.card_id == card.id))
@@ -116,16 +125,19 @@ def sync_object(session: Session, services: Services, client: GoogleWalletClient
                            notified_values={})
         session.add(row)
         session.flush()
-    if row.content_hash == digest:
-        return row
-    first_sync = row.synced_at is None
-    if not (first_sync and _inserted(session, client, card, resource, body)):
-        client.patch(resource, body["id"], objects.patch_body(body))
-        if not first_sync:  # an object we lost track of is brought back silently
-            _notify_if_due(session, services, client, card, row, resource)
-    row.content_hash, row.synced_at = digest, utcnow()
-    row.notified_values = _notify_values(services, card)
-    session.flush()
+    values = _notify_values(services, card)
+    if row.content_hash != digest:
+        first_sync = row.synced_at is None
+        if not (first_sync and _inserted(session, client, card, resource, body)):
+            client.patch(resource, body["id"], objects.patch_body(body))
+        row.content_hash, row.synced_at = digest, utcnow()
+        if first_sync:  # a new object, or one we lost track of, is brought in silently
+            row.notified_values = values
+        session.flush()
+    if values != (row.notified_values or {}):
+        _notify_if_due(session, services, client, card, row, resource)
+        row.notified_values = values
+        session.flush()
     return row
 
 
@@ -158,24 +170,58 @@ def _notify_values(services: Services, card: Card) -> dict[str, Any]:
     return {name: str(values.get(name)) for name in template.google.get("notify", [])}
 
 
-def _notify_if_due(session: Session, services: Services, client: GoogleWalletClient, card: Card,
-                   row: GoogleObject, resource: str) -> bool:
-    if _notify_values(services, card) == (row.notified_values or {}):
-        return False  # nothing the holder is told about changed: update silently
-    since = utcnow() - NOTIFY_WINDOW
+def _notify_if_due(session: Session, services: Services, client: GoogleWalletClient,
+                   card: Card, row: GoogleObject, resource: str) -> bool:
+    """Add a TEXT_AND_NOTIFY message when the holder's notify values changed and the
+    object has had fewer than NOTIFY_BUDGET in NOTIFY_WINDOW; True if one was sent.
+
+    Over the budget the data still updates, silently. Google keeps its own count: when
+    it refuses although ours said there was budget left (a restored database, a reply
+    lost after Google counted the message), the message is dropped -- the object is
+    already updated, and retrying could only be refused again -- and our count is
+    brought up to the budget from now, so no notification is attempted for this object
+    until that has aged out (Google does not say when its oldest one does).
+    """
+    from app.google.client import GoogleApiError
+
+    now = utcnow()
     sent = session.scalar(select(func.count(GoogleNotification.id)).where(
-        GoogleNotification.google_object_id == row.id, GoogleNotification.sent_at > since)) or 0
+        GoogleNotification.google_object_id == row.id,
+        GoogleNotification.sent_at > now - NOTIFY_WINDOW)) or 0
     if sent >= NOTIFY_BUDGET:
-        return False  # over Google's budget: the data still updates, silently
+        return False
     template = services.templates.get(card.program.template)
     text = objects.notify_text(template, cards.card_input(card, services))
     if not text:
         return False
-    client.add_message(resource, row.object_id, objects.message(
-        f"n{int(time.time() * 1000)}{secrets.token_hex(2)}", card.program.name, text,
-        notify=True))
-    session.add(GoogleNotification(tenant_id=card.tenant_id, google_object_id=row.id))
+    message = objects.message(f"n{int(time.time() * 1000)}{secrets.token_hex(2)}",
+                              card.program.name, text, notify=True)
+    try:
+        client.add_message(resource, row.object_id, message)
+    except GoogleApiError as exc:
+        if not notification_limit_reached(exc):
+            raise
+        log.info("Google's notification limit for object %s was reached before ours "
+                 "(%d of %d counted here): message dropped", row.object_id, sent, NOTIFY_BUDGET)
+        session.add_all(GoogleNotification(tenant_id=card.tenant_id, google_object_id=row.id,
+                                           sent_at=now) for _ in range(NOTIFY_BUDGET - sent))
+        return False
+    session.add(GoogleNotification(tenant_id=card.tenant_id, google_object_id=row.id,
+                                   sent_at=now))
     return True
+
+
+def notification_limit_reached(exc: GoogleApiError) -> bool:
+    """Google's answer to a TEXT_AND_NOTIFY message over the pass's limit.
+
+    Observed: 403, ``errors[0].reason`` ``quotaExceeded`` (domain ``walletobjects``),
+    "Quota exceeded for issuer <id> when adding TEXT_AND_NOTIFY message to ..."; Google's
+    docs name it a QuotaExceededException. A 429 saying the same is read the same way;
+    a plain 429 rate limit (rateLimitExceeded) is not this, and stays retryable.
+    """
+    if exc.status not in (403, 429):
+        return False
+    return "quotaExceeded" in exc.reasons or "TEXT_AND_NOTIFY" in exc.message
 
 
 def sign_save_jwt(info: dict[str, Any], payload: dict[str, Any], origins: list[str]) -> str:
