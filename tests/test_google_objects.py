@@ -182,7 +182,11 @@ def test_every_body_is_valid_against_the_discovery_document(template_name: str, 
             assert _problems(object_schema, body, require=True) == [], (absent, body)
             assert _problems(object_schema, objects.patch_body(body), require=False) == []
             skinny = {"id": body["id"], "classId": body["classId"]}
-            assert _problems(object_schema, skinny, require=False) == []
+            # Save JWT payloads, skinny and fat: walletobjects' Resources.
+            assert _problems("Resources", objects.save_payload(variant, skinny),
+                             require=False) == []
+            assert _problems("Resources", objects.save_payload(variant, body),
+                             require=False) == []
             text = objects.notify_text(variant, card_input) or "x"
             for notify in (True, False):
                 request = {"message": objects.message("n1", "Ω" * 50, text * 100, notify=notify)}

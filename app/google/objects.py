@@ -176,6 +176,13 @@ def render_object(template: PassTemplate, card: CardInput, *, issuer_id: str, cl
     return body
 
 
+def save_payload(template: PassTemplate, body: dict[str, Any]) -> dict[str, Any]:
+    """A save JWT's ``payload``: the object (whole, or just ``{id, classId}``) under the
+    plural name of its kind, as in walletobjects' ``Resources``."""
+    plural = "loyaltyObjects" if kind_of(template) == "loyalty" else "genericObjects"
+    return {plural: [body]}
+
+
 def patch_body(body: dict[str, Any]) -> dict[str, Any]:
     """What an object PATCH sends: the whole rendering, with ``messages`` emptied.
 

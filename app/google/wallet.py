@@ -240,18 +240,17 @@ def save_url(session: Session, services: Services, card: Card,
     tenant = card.program.tenant
     info = service_account_info(services, tenant)
     template = services.templates.get(card.program.template)
-    plural = "loyaltyObjects" if objects.kind_of(template) == "loyalty" else "genericObjects"
     try:
         client = services.google_client(tenant)
         class_ref = ensure_class(session, services, client, card.program)
         row = sync_object(session, services, client, card)
-        token = sign_save_jwt(info, {plural: [{"id": row.object_id, "classId": class_ref}]},
-                              origins or [])
+        token = sign_save_jwt(info, objects.save_payload(
+            template, {"id": row.object_id, "classId": class_ref}), origins or [])
     except GoogleApiError as exc:
         if exc.status is not None and exc.status < 500 and exc.status != 429:
             raise  # our request is wrong or access is missing: not a reason to fall back
         body, _ = render_object(services, card)
-        token = sign_save_jwt(info, {plural: [body]}, origins or [])
+        token = sign_save_jwt(info, objects.save_payload(template, body), origins or [])
         if len(token) > MAX_SAFE_JWT:
             raise GoogleUnavailable("Google Wallet cannot be reached right now") from exc
     return SAVE_URL + token
