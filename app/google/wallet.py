@@ -323,7 +323,9 @@ def _callback_event_time(session: Session, card: Card, row: GoogleObject, exp_ms
 
     By induction the newest callback by expTimeMillis is always the latest in the log,
     so the state is the same whatever order they came in, and a rebuild from the log
-    agrees. Nothing is dated in the future.
+    agrees. Nothing is dated after its receipt, except a callback that follows one
+    logged before this rule (dated at its expiry, up to an hour ahead): order wins
+    there, for that hour.
     """
     latest = session.scalar(select(func.max(InstallEvent.occurred_at)).where(
         InstallEvent.card_id == card.id, InstallEvent.platform == "google",
