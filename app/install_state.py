@@ -10,7 +10,8 @@ platform:
   event is a registration, which is exactly when it has an active
   ``Registration`` row: the log is written in the same transaction.
 - Google: ``downloaded`` (a save link was opened), ``saved`` / ``deleted``
-  (callbacks, timed by their ``expTimeMillis``) and ``has_users`` (a GET of the
+  (callbacks, timed when received, in their ``expTimeMillis`` order: see
+  ``app/google/wallet.py: _callback_event_time``) and ``has_users`` (a GET of the
   object said someone holds it). The latest of saved/deleted/has_users decides.
 
 Events arrive twice and out of order (Google retries callbacks; a late "save"

@@ -415,13 +415,17 @@ class GoogleObject(TenantOwned, Base):
     # Values of the "notify" variables last sent, to tell a notifying change from others.
     notified_values: Mapped[dict[str, Any]] = mapped_column(default=dict)
     synced_at: Mapped[dt.datetime | None]
-    # From save/del callbacks; the event time orders them (a late save cannot undo a del).
+    # From save/del callbacks; their expTimeMillis orders them (a late save cannot undo a
+    # del; at equal expTimeMillis the del wins).
     saved: Mapped[bool] = mapped_column(Boolean, default=False)
     saved_state_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class GoogleNotification(TenantOwned, Base):
-    """A TEXT_AND_NOTIFY message sent for an object: Google allows 3 per 24 hours."""
+    """A TEXT_AND_NOTIFY message sent for an object: Google allows 3 per 24 hours.
+
+    When Google refuses one over its limit although fewer rows are counted here, rows
+    are added (sent now) up to the budget: Google's count is the one that holds."""
 
     __tablename__ = "google_notifications"
     __table_args__ = (Index("ix_google_notifications_object_time", "google_object_id", "sent_at"),)

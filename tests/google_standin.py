@@ -37,7 +37,18 @@ What it checks, like Google does:
   class cannot go back to DRAFT.
 - PATCH replaces the top-level fields it names (arrays replaced whole; ``null`` clears);
   PUT replaces everything; ``notifyPreference`` is ephemeral (not stored).
-- GET of an object adds ``classReference`` (a copy of its class), as Google does.
+- ``addMessage`` with ``TEXT_AND_NOTIFY``: Google's own count of notifying messages per
+  pass, :attr:`GoogleStandin.notify_limit` (3) per :attr:`GoogleStandin.notify_window`
+  (24 h), kept in :attr:`GoogleStandin.notified` whatever the client believes. Over it,
+  the answer is what Google answers (seen in edutap-eu/edutap.wallet_google#3; Google's
+  docs call it a QuotaExceededException): 403, ``errors[0].reason`` ``quotaExceeded``,
+  domain ``walletobjects``, "Quota exceeded for issuer <id> when adding TEXT_AND_NOTIFY
+  message to ...", without a ``status`` word. Nothing is added then; TEXT messages are
+  not counted.
+- GET of an object adds ``classReference`` (a copy of its class), as Google does, for the
+  kinds whose schema has that field (LoyaltyObject has it; GenericObject does not).
+- Every collection is checked against its own schema, on every write (insert, PATCH, PUT,
+  addMessage): a GenericClass body is a GenericClass, whatever kind was used before.
 
 Also ``GET /keys`` serves :attr:`GoogleStandin.root_keys_json` with the
 ``Cache-Control`` header :attr:`GoogleStandin.keys_cache_control` (callback root keys).
@@ -333,13 +344,25 @@ class _Reply(Exception):
 
 
 def google_error(status: int, message: str, reason: str | None = None,
-                 location: str | None = None) -> _Reply:
-    detail: dict[str, Any] = {"message": message, "domain": "global",
+                 location: str | None = None, *, domain: str = "global",
+                 status_name: bool = True) -> _Reply:
+    detail: dict[str, Any] = {"message": message, "domain": domain,
                               "reason": reason or _ERROR_REASONS.get(status, "error")}
     if location:
         detail.update(location=location, locationType="other")
-    return _Reply(status, {"error": {"code": status, "message": message, "errors": [detail],
-                                     "status": _STATUS_NAMES.get(status, "UNKNOWN")}})
+    error: dict[str, Any] = {"code": status, "message": message, "errors": [detail]}
+    if status_name:
+        error["status"] = _STATUS_NAMES.get(status, "UNKNOWN")
+    return _Reply(status, {"error": error})
+
+
+def notification_limit_error(issuer_id: str, resource_id: str, *, is_class: bool,
+                             status: int = 403) -> _Reply:
+    """Google's answer to a TEXT_AND_NOTIFY message over the pass's notification limit."""
+    message = (f"Quota exceeded for issuer {issuer_id} when adding TEXT_AND_NOTIFY message "
+               f"to {'class' if is_class else 'object'} {resource_id}.")
+    return google_error(status, message, "quotaExceeded", domain="walletobjects",
+                        status_name=False)
 
 
 class GoogleStandin:
@@ -358,6 +381,11 @@ class GoogleStandin:
         self.service_accounts: dict[str, dict] = {}
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (client email, expiry)
         self.lock = threading.RLock()
+        # Google's own count of TEXT_AND_NOTIFY messages: resource id -> times accepted.
+        self.notify_limit = 3
+        self.notify_window = 24 * 3600.0
+        self.notify_limit_status = 403  # what Google answers over the limit
+        self.notified: dict[str, list[float]] = {}
         self._scripts: list[_Script] = []
         self._public_keys: dict[str, Any] = {}
         self._httpd: ThreadingHTTPServer | None = None
@@ -585,7 +613,8 @@ class GoogleStandin:
 
     def _present(self, collection: Collection, stored: dict) -> dict:
         answer = copy.deepcopy(stored)
-        if not collection.is_class:
+        props = discovery()["schemas"][collection.schema]["properties"]
+        if not collection.is_class and "classReference" in props:
             parent = self.objects[collection.class_collection].get(stored.get("classId"))
             if parent is not None:
                 answer["classReference"] = copy.deepcopy(parent)
@@ -675,6 +704,15 @@ class GoogleStandin:
             raise google_error(400, "Missing required field 'message'.", "required", "message")
         with self.lock:
             current = self._find(store, resource_id)
+            if str(message.get("messageType", "")).upper() == "TEXT_AND_NOTIFY":
+                now = time.time()
+                recent = [t for t in self.notified.get(resource_id, [])
+                          if t > now - self.notify_window]
+                if len(recent) >= self.notify_limit:
+                    raise notification_limit_error(resource_id.split(".", 1)[0], resource_id,
+                                                   is_class=collection.is_class,
+                                                   status=self.notify_limit_status)
+                self.notified[resource_id] = [*recent, now]
             current.setdefault("messages", []).append(copy.deepcopy(message))
             return _Reply(200, {"resource": copy.deepcopy(current)})
 

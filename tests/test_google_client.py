@@ -11,7 +11,14 @@ import pytest
 
 from app.google import client as client_module
 from app.google.client import GoogleApiError, GoogleCredentialsError, GoogleWalletClient
-from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin, make_service_account, validate
+from tests.google_standin import (
+    DEFAULT_ISSUER_ID,
+    GoogleStandin,
+    collections,
+    discovery,
+    make_service_account,
+    validate,
+)
 
 ISSUER = DEFAULT_ISSUER_ID
 CLASS_ID = f"{ISSUER}.demo-rewards"
@@ -224,3 +231,84 @@ def test_standin_accepts_a_valid_object_and_requires_ids() -> None:
     assert validate("LoyaltyObject", loyalty_object(), require=True) == []
     missing = validate("LoyaltyObject", {"state": "ACTIVE"}, require=True)
     assert {"id", "classId"} <= {p.path for p in missing}
+
+
+# The stand-in validates whatever collection a body is sent to, on every write method: a
+# stand-in that checked only the kind tests tried first (loyalty) let a GenericClass with a
+# field Google's GenericClass lacks go unnoticed (issue 11).
+@pytest.mark.parametrize("collection", sorted(collections()))
+def test_standin_validates_every_collection_on_every_write(wallet, standin, collection) -> None:  # type: ignore[no-untyped-def]
+    resource_id = f"{ISSUER}.validated-{collection}"
+    bad = {"id": resource_id, "surelyNotAField": 1}
+    calls = [lambda: wallet.insert(collection, bad),
+             lambda: wallet.patch(collection, resource_id, bad),
+             lambda: wallet._call("PUT", wallet._item_path(collection, resource_id), bad),
+             lambda: wallet.add_message(collection, resource_id, {"messageType": "LOUD"})]
+    for call in calls:
+        with pytest.raises(GoogleApiError) as caught:
+            call()
+        assert caught.value.status == 400
+    messages = [r for r in standin.log if r.status == 400]
+    assert len(messages) == 4
+    # Required fields of this collection's schema are demanded on insert.
+    schema = collections()[collection].schema
+    required = [name for name, spec in discovery()["schemas"][schema]["properties"].items()
+                if spec.get("description", "").startswith("Required.") and name != "id"]
+    if required:  # GenericClass needs only its id
+        with pytest.raises(GoogleApiError) as caught:
+            wallet.insert(collection, {"id": resource_id})
+        assert caught.value.status == 400 and f"'{required[0]}'" in caught.value.message
+    assert standin.objects[collection] == {}
+
+
+def test_standin_keeps_generic_and_loyalty_apart(wallet, standin) -> None:  # type: ignore[no-untyped-def]
+    generic_class = {"id": f"{ISSUER}.club", "multipleDevicesAndHoldersAllowedStatus":
+                     "ONE_USER_ALL_DEVICES"}
+    with pytest.raises(GoogleApiError) as caught:  # GenericClass has no colour
+        wallet.insert("genericClass", {**generic_class, "hexBackgroundColor": "#123456"})
+    assert "hexBackgroundColor" in caught.value.message
+    with pytest.raises(GoogleApiError) as caught:  # nor a review status
+        wallet.insert("genericClass", {**generic_class, "reviewStatus": "UNDER_REVIEW"})
+    assert "reviewStatus" in caught.value.message
+    with pytest.raises(GoogleApiError):  # a loyalty class is not a generic class
+        wallet.insert("genericClass", loyalty_class(f"{ISSUER}.club"))
+    wallet.insert("genericClass", generic_class)
+    generic_object = {"id": f"{ISSUER}.card-g", "classId": f"{ISSUER}.club", "state": "ACTIVE",
+                      "cardTitle": {"defaultValue": {"language": "en", "value": "Club"}},
+                      "header": {"defaultValue": {"language": "en", "value": "Camille"}},
+                      "hexBackgroundColor": "#123456"}
+    with pytest.raises(GoogleApiError) as caught:  # GenericObject has no points
+        wallet.insert("genericObject", {**generic_object, "loyaltyPoints": {
+            "balance": {"int": 1}}})
+    assert "loyaltyPoints" in caught.value.message
+    with pytest.raises(GoogleApiError) as caught:  # header and cardTitle are required
+        wallet.insert("genericObject", {k: v for k, v in generic_object.items()
+                                        if k != "header"})
+    assert "header" in caught.value.message
+    with pytest.raises(GoogleApiError) as caught:  # the class is a generic one
+        wallet.insert("loyaltyObject", {**loyalty_object(f"{ISSUER}.card-l"),
+                                        "classId": f"{ISSUER}.club"})
+    assert caught.value.status == 404
+    wallet.insert("genericObject", generic_object)
+    stored = wallet.get("genericObject", f"{ISSUER}.card-g")
+    # Google's GenericObject has no classReference (LoyaltyObject has): none is invented.
+    assert "classReference" not in stored
+    assert validate("GenericObject", stored, require=True) == []
+
+
+@pytest.mark.parametrize("status", [403, 429])
+def test_the_notification_limit_is_not_retried_nor_blamed_on_access(wallet, standin, sleeps, status) -> None:  # type: ignore[no-untyped-def]
+    wallet.insert("loyaltyClass", loyalty_class())
+    wallet.insert("loyaltyObject", loyalty_object())
+    standin.notify_limit, standin.notify_limit_status = 1, status
+    message = {"id": "m", "header": "Aurore", "body": "99 points", "messageType": "TEXT_AND_NOTIFY"}
+    wallet.add_message("loyaltyObject", OBJECT_ID, message)
+    with pytest.raises(GoogleApiError) as caught:
+        wallet.add_message("loyaltyObject", OBJECT_ID, {**message, "id": "m2"})
+    error = caught.value
+    assert error.status == status and error.reasons == {"quotaExceeded"}
+    assert "TEXT_AND_NOTIFY" in error.message and "add the service account" not in error.message
+    assert sleeps == []
+    # TEXT messages are not counted against the limit.
+    wallet.add_message("loyaltyObject", OBJECT_ID, {**message, "id": "m3", "messageType": "TEXT"})
+    assert len(standin.notified[OBJECT_ID]) == 1

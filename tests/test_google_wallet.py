@@ -4,6 +4,7 @@ notification budget; signed callbacks through the endpoint flip install state on
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -11,13 +12,15 @@ from urllib.parse import urlsplit
 
 import jwt
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 
-from app import pushes, updates
+from app import install_state, pushes, updates
 from app.google import wallet as google_wallet
 from app.models import (
     Card,
+    CardInstallState,
     Customer,
+    GoogleCallbackNonce,
     GoogleClass,
     GoogleNotification,
     GoogleObject,
@@ -107,6 +110,42 @@ def test_save_link_is_a_skinny_jwt_for_a_validated_object(client, services, goog
     assert len(standin.api_requests("POST")) + len(standin.api_requests("PATCH")) == writes
 
 
+def test_a_generic_program_saves_and_updates_through_google(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    """The demo's club program (template kind "generic"): class and object are accepted by
+    the stand-in, which validates GenericClass/GenericObject against the discovery document."""
+    serial = _serial(services, program="club")
+    token = _save(client, serial)
+    claims = jwt.decode(token, _public_key(google), algorithms=["RS256"], audience="google")
+    [ref] = claims["payload"]["genericObjects"]
+    assert ref["id"] == f"{ISSUER}.{serial}"
+    stored_class = standin.objects["genericClass"][ref["classId"]]
+    assert stored_class["callbackOptions"]["url"].endswith(f"/google/callback/{ISSUER}")
+    stored = standin.objects["genericObject"][ref["id"]]
+    assert stored["hexBackgroundColor"] == "#123456"  # the colour lives on a generic object
+    assert stored["header"]["defaultValue"]["value"] == "Camille Martin"
+    assert standin.objects["loyaltyClass"] == {} and standin.objects["loyaltyObject"] == {}
+
+    # A notifying change (membership_level is in the template's notify list) patches the
+    # generic object and adds a lock-screen message to it.
+    with services.db.transaction() as session:
+        customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+        customer.attributes = {**customer.attributes, "membership_level": "Platinum"}
+        updates.customers_changed(session, services, [customer])
+    with services.db.session() as session:
+        job_ids = list(session.scalars(select(PushJob.id).join(Card).join(Program).where(
+            PushJob.channel == "google", Program.slug == "club")))
+    assert job_ids
+    for job_id in job_ids:
+        assert pushes.deliver(services, job_id).state == "done"
+    [patch] = [r for r in standin.api_requests("PATCH") if r.path.endswith(ref["id"])]
+    assert patch.path.startswith("/walletobjects/v1/genericObject/")
+    level = next(m for m in standin.objects["genericObject"][ref["id"]]["textModulesData"]
+                 if m["id"] == "level")
+    assert level["body"] == "Platinum"
+    [message] = [r for r in standin.api_requests("POST") if r.path.endswith("/addMessage")]
+    assert message.path == f"/walletobjects/v1/genericObject/{ref['id']}/addMessage"
+
+
 def _change_points(services, points: int, tier: str | None = None) -> list[int]:  # type: ignore[no-untyped-def]
     with services.db.transaction() as session:
         customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
@@ -144,6 +183,64 @@ def test_changes_patch_the_object_and_notify_within_the_budget(client, services,
     with services.db.session() as session:
         assert session.scalar(select(GoogleNotification.id).limit(1)) is not None
         assert len(session.scalars(select(GoogleNotification)).all()) == 3
+
+
+@pytest.mark.parametrize("google_answers", [403, 429])
+def test_googles_notification_limit_drops_the_message_not_the_update(client, services, google, standin, google_answers) -> None:  # type: ignore[no-untyped-def]
+    """Our count says there is budget, Google's says there is none (a restored database,
+    or a reply lost after Google counted it): the object is patched once, the job is
+    done, the message dropped, and our count corrected so the next change stays silent."""
+    services.google_client_options = {"backoff": 0.0}
+    standin.notify_limit_status = google_answers  # 403 is what Google answers; 429 too
+    serial = _serial(services)
+    _save(client, serial)
+    object_id = f"{ISSUER}.{serial}"
+    for points in (1300, 1400, 1500):  # Google's 3 notifications for today
+        [job_id] = _change_points(services, points)
+        assert pushes.deliver(services, job_id).state == "done"
+    assert len(standin.notified[object_id]) == 3
+    with services.db.transaction() as session:  # the database is restored from yesterday
+        session.execute(delete(GoogleNotification))
+
+    [job_id] = _change_points(services, 1600)
+    assert pushes.deliver(services, job_id).state == "done"
+    with services.db.session() as session:
+        job = session.get(PushJob, job_id)
+        assert job.done_at is not None and job.not_before is None
+        # Corrected: Google says 3 were sent in its window, so we count 3 from now.
+        assert session.scalar(select(func.count(GoogleNotification.id))) == 3
+    patches = [r for r in standin.api_requests("PATCH") if r.path.endswith(object_id)]
+    assert len(patches) == 4  # 1300, 1400, 1500, 1600: once each
+    assert standin.objects["loyaltyObject"][object_id]["loyaltyPoints"]["balance"] == {
+        "int": 1600}
+    refused = [r for r in standin.log if r.path.endswith("/addMessage") and r.status >= 400]
+    assert [r.status for r in refused] == [google_answers]
+    assert len(standin.notified[object_id]) == 3  # nothing more reached the lock screen
+
+    # The next change updates silently without asking Google to notify at all.
+    [job_id] = _change_points(services, 1700)
+    assert pushes.deliver(services, job_id).state == "done"
+    messages = [r for r in standin.log if r.path.endswith("/addMessage")]
+    assert len(messages) == 4  # 3 sent, 1 refused: none for 1700
+    assert len([r for r in standin.api_requests("PATCH") if r.path.endswith(object_id)]) == 5
+
+
+def test_a_failed_message_is_retried_without_patching_again(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    """Google down while adding the message: the retry sends the message, not the PATCH."""
+    services.google_client_options = {"backoff": 0.0, "max_retries": 0}
+    serial = _serial(services)
+    _save(client, serial)
+    object_id = f"{ISSUER}.{serial}"
+    standin.fail_next(f"/walletobjects/v1/loyaltyObject/{object_id}/addMessage", 503)
+    [job_id] = _change_points(services, 1300)
+    assert pushes.deliver(services, job_id).state == "retry"
+    with services.db.transaction() as session:  # the backoff has passed
+        session.get(PushJob, job_id).not_before = None
+    assert pushes.deliver(services, job_id).state == "done"
+    assert len([r for r in standin.api_requests("PATCH") if r.path.endswith(object_id)]) == 1
+    assert len(standin.notified[object_id]) == 1
+    with services.db.session() as session:
+        assert session.scalar(select(func.count(GoogleNotification.id))) == 1
 
 
 def test_an_unchanged_rendering_is_not_patched(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
@@ -247,6 +344,65 @@ def test_callbacks_flip_install_state_once_per_event(client, services, google, s
     assert saved is False and kinds == ["saved", "deleted", "saved"]
 
 
+def _events(services) -> list[tuple[str, dt.datetime]]:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        return [(kind, when) for kind, when in session.execute(
+            select(InstallEvent.kind, InstallEvent.occurred_at).where(
+                InstallEvent.platform == "google", InstallEvent.kind.in_(("saved", "deleted")))
+            .order_by(InstallEvent.id))]
+
+
+def _install_state(services) -> tuple[str, dt.datetime | None, dt.datetime | None]:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        row = session.scalar(select(CardInstallState).where(CardInstallState.platform == "google"))
+        return row.state, row.first_installed_at, row.removed_at
+
+
+def test_callback_events_are_timed_when_received_not_at_expiry(client, services, google, signer) -> None:  # type: ignore[no-untyped-def]
+    """Google's expTimeMillis is about an hour after sending: never an event's time."""
+    class_id, object_id = _saved_object(client, services)
+    hour = 3_600_000
+    before = dt.datetime.now(dt.UTC)
+    save = signer.callback(class_id, object_id, "save", exp_time_millis=_millis(before) + hour)
+    assert _post(client, save).status_code == 200
+    after = dt.datetime.now(dt.UTC)
+    [(kind, when)] = _events(services)
+    assert kind == "saved" and before <= when <= after
+    state, installed_at, _ = _install_state(services)
+    assert state == "installed" and before <= installed_at <= after
+
+
+@pytest.mark.parametrize("arrival", ["in_order", "delete_first"])
+@pytest.mark.parametrize("gap_ms", [30_000, 0])
+def test_a_save_sent_before_a_delete_never_wins(client, services, google, signer, arrival, gap_ms) -> None:  # type: ignore[no-untyped-def]
+    """Ordering still follows Google's expTimeMillis, whatever order callbacks arrive in
+    (at the same expTimeMillis the delete wins), and the log rebuilds to the same state."""
+    class_id, object_id = _saved_object(client, services)
+    exp = _millis(dt.datetime.now(dt.UTC)) + 3_600_000
+    save = signer.callback(class_id, object_id, "save", exp_time_millis=exp - gap_ms)
+    delete = signer.callback(class_id, object_id, "del", exp_time_millis=exp)
+    for body in ([save, delete] if arrival == "in_order" else [delete, save]):
+        assert _post(client, body).status_code == 200
+    now = dt.datetime.now(dt.UTC)
+    assert _state(services)[0] is False
+    state, _, removed_at = _install_state(services)
+    assert state == "removed" and removed_at <= now
+    events = dict(_events(services))
+    assert events["saved"] <= events["deleted"] <= now  # nothing in the future
+    install_state.rebuild(services)
+    assert _install_state(services)[0] == "removed"
+
+    # A later save (sent after the delete) installs the card again, dated when received.
+    again = signer.callback(class_id, object_id, "save", exp_time_millis=exp + 1)
+    assert _post(client, again).status_code == 200
+    assert _state(services)[0] is True and _install_state(services)[0] == "installed"
+    assert _events(services)[-1][1] <= dt.datetime.now(dt.UTC)
+
+
+def _millis(when: dt.datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
 def test_unknown_event_types_are_acknowledged(client, services, google, signer) -> None:  # type: ignore[no-untyped-def]
     class_id, object_id = _saved_object(client, services)
     response = _post(client, signer.callback(class_id, object_id, "activation"))
@@ -269,6 +425,30 @@ def test_callback_for_another_issuer_is_refused(client, services, google, signer
     assert _post(client, body).status_code == 400
     assert _post(client, signer.callback(class_id, object_id), "not-a-number").status_code == 404
     assert _state(services) == (False, [])
+
+
+def _nonces(services) -> int:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        return session.scalar(select(func.count()).select_from(GoogleCallbackNonce)) or 0
+
+
+def test_callback_for_an_issuer_no_tenant_configured_is_refused(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]
+    """Validly signed by Google for an issuer of ours no more (or never): 404, nothing kept."""
+    stranger = "3388000000099999999"
+    signer = GoogleSigner(stranger)
+    standin.root_keys_json = signer.root_keys_document()
+    body = signer.callback(f"{stranger}.other-club", f"{stranger}.someone", "save")
+    response = _post(client, body, issuer=stranger)
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
+    assert response.get_json()["status"] == 404
+    assert _nonces(services) == 0 and _state(services) == (None, [])
+
+    # The same issuer once a tenant configures it: accepted, the nonce is kept.
+    with services.db.transaction() as session:
+        session.scalar(select(Tenant)).google_issuer_id = stranger
+    assert _post(client, body, issuer=stranger).status_code == 200
+    assert _nonces(services) == 1
 
 
 def test_no_root_keys_means_retry_later(client, services, google, standin) -> None:  # type: ignore[no-untyped-def]

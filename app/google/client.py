@@ -11,7 +11,8 @@ account's key is exchanged at the JSON's ``token_uri`` for an access token (scop
 refreshed. The same ``requests.Session`` carries token requests and API calls, so
 connections are reused (docs: shared/reference/google.md §3.3).
 
-Retries: 429, 5xx, 403 ``rateLimitExceeded`` and connection errors are retried with
+Retries: 429 (unless its reason is ``quotaExceeded``: a used-up quota such as a pass's
+three notifications a day), 5xx, 403 ``rateLimitExceeded`` and connection errors are retried with
 exponential backoff (``backoff * 2**attempt``, jittered), or after ``Retry-After`` when
 Google sends one; other 4xx are the caller's problem and raise at once. A 401 makes
 the client fetch a new token once. Every failure surfaces as :class:`GoogleApiError`
@@ -51,6 +52,8 @@ _ISSUER_ID = re.compile(r"^[0-9]{1,20}$")
 #: Longest Retry-After we are willing to sleep through inside one call.
 MAX_RETRY_AFTER = 60.0
 _RETRYABLE_403_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
+#: 403 reasons that are about a quota, not about access: no "add the service account" hint.
+_QUOTA_403_REASONS = _RETRYABLE_403_REASONS | {"quotaExceeded"}
 _SERVICE_ACCOUNT_FIELDS = ("type", "client_email", "private_key", "token_uri")
 
 
@@ -63,10 +66,12 @@ class GoogleApiError(Exception):
     for people.
     """
 
-    def __init__(self, status: int | None, reason: str, message: str) -> None:
+    def __init__(self, status: int | None, reason: str, message: str,
+                 reasons: frozenset[str] = frozenset()) -> None:
         self.status = status
         self.reason = reason
         self.message = " ".join(str(message).split())  # one line
+        self.reasons = reasons  # Google's errors[].reason words, e.g. {"quotaExceeded"}
         super().__init__(self.message)
 
     def __str__(self) -> str:
@@ -301,6 +306,8 @@ _RETRY_STATUSES = frozenset({429})
 
 
 def _retryable(status: int, response: requests.Response) -> bool:
+    if status == 429 and "quotaExceeded" in _error_reasons(response):
+        return False  # a used-up quota (e.g. a pass's notifications) does not come back soon
     if status in _RETRY_STATUSES or status >= 500:
         return True
     if status == 403:
@@ -348,7 +355,7 @@ def _error_reasons(response: requests.Response) -> set[str]:
     errors = _error_body(response).get("errors")
     if not isinstance(errors, list):
         return set()
-    return {e.get("reason") for e in errors if isinstance(e, dict) and e.get("reason")}
+    return {str(e["reason"]) for e in errors if isinstance(e, dict) and e.get("reason")}
 
 
 _STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
@@ -366,9 +373,9 @@ def _error_from(response: requests.Response, method: str, path: str, email_: str
     text = f"{method} {path}: {message}"
     if status == 401:
         text += " (the access token was refused; check the service-account key)"
-    elif status == 403 and not (_error_reasons(response) & _RETRYABLE_403_REASONS):
+    elif status == 403 and not (_error_reasons(response) & _QUOTA_403_REASONS):
         issuer = f" {issuer_id}" if issuer_id else " that owns these ids"
         text += (f" -- add the service account {email_} as a user of the issuer account"
                  f"{issuer} in the Google Pay & Wallet console (Users), and check the issuer"
                  " id")
-    return GoogleApiError(status, reason, text)
+    return GoogleApiError(status, reason, text, frozenset(_error_reasons(response)))

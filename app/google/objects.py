@@ -105,9 +105,11 @@ def render_class(template: PassTemplate, ctx: ClassContext) -> dict[str, Any]:
         "callbackOptions": {"url": f"{ctx.public_url}/google/callback/{ctx.issuer_id}"},
         "multipleDevicesAndHoldersAllowedStatus": "ONE_USER_ALL_DEVICES",
     }
-    if google.get("background"):
-        body["hexBackgroundColor"] = google["background"]
     if kind_of(template) == "loyalty":
+        # GenericClass has no colour, logo or hero fields: a generic card carries them on
+        # its objects (render_object); sending them on the class is a 400 from Google.
+        if google.get("background"):
+            body["hexBackgroundColor"] = google["background"]
         body.update({
             "issuerName": ctx.tenant_name[:60],
             "programName": ctx.program_name[:60],
@@ -172,6 +174,28 @@ def render_object(template: PassTemplate, card: CardInput, *, issuer_id: str, cl
         if google.get("hero"):
             body["heroImage"] = image(public_url, template, google["hero"], "hero")
     return body
+
+
+def save_payload(template: PassTemplate, body: dict[str, Any]) -> dict[str, Any]:
+    """A save JWT's ``payload``: the object (whole, or just ``{id, classId}``) under the
+    plural name of its kind, as in walletobjects' ``Resources``."""
+    plural = "loyaltyObjects" if kind_of(template) == "loyalty" else "genericObjects"
+    return {plural: [body]}
+
+
+def patch_body(body: dict[str, Any]) -> dict[str, Any]:
+    """What an object PATCH sends: the whole rendering, with ``messages`` emptied.
+
+    PATCH replaces arrays whole, so every array is sent in full; an empty messages
+    list keeps Google's 10-message cap from ever being reached.
+    """
+    return {**body, "messages": []}
+
+
+def message(message_id: str, header: str, text: str, *, notify: bool) -> dict[str, Any]:
+    """An ``addMessage`` Message: TEXT_AND_NOTIFY shows on the lock screen, TEXT does not."""
+    return {"id": message_id, "header": header[:35], "body": text[:500],
+            "messageType": "TEXT_AND_NOTIFY" if notify else "TEXT"}
 
 
 def balance(value: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import secrets
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from app.models import (
     GoogleClass,
     GoogleNotification,
     GoogleObject,
+    InstallEvent,
     Program,
     Tenant,
     utcnow,
@@ -34,8 +36,10 @@ from app.models import (
 
 if TYPE_CHECKING:
     from app.google.callbacks import CallbackMessage
-    from app.google.client import GoogleWalletClient
+    from app.google.client import GoogleApiError, GoogleWalletClient
     from app.services import Services
+
+log = logging.getLogger(__name__)
 
 SAVE_URL = "https://pay.google.com/gp/v/save/"
 MAX_SAFE_JWT = 1800  # Google's "maximum safe length" for a save JWT
@@ -106,7 +110,13 @@ def render_object(services: Services, card: Card) -> tuple[dict[str, Any], str]:
 
 def sync_object(session: Session, services: Services, client: GoogleWalletClient,
                 card: Card) -> GoogleObject:
-    """Insert or patch the card's object if its rendering changed; notify within budget."""
+    """Insert or patch the card's object if its rendering changed; notify within budget.
+
+    The update and the lock-screen message are two steps, each recorded as soon as it
+    lands (the caller commits, also when a later step raises): the content hash right
+    after the PATCH, the notified values after the message. So a job retried because
+    the message failed (Google unreachable) sends the message, not the PATCH again.
+    """
     body, resource = render_object(services, card)
     digest = objects.content_hash(body)
     row = session.scalar(select(GoogleObject).where(GoogleObject.card_id == card.id))
@@ -115,18 +125,19 @@ def sync_object(session: Session, services: Services, client: GoogleWalletClient
                            notified_values={})
         session.add(row)
         session.flush()
-    if row.content_hash == digest:
-        return row
-    first_sync = row.synced_at is None
-    if not (first_sync and _inserted(session, client, card, resource, body)):
-        # PATCH replaces arrays whole, so every array is sent in full; an empty
-        # messages list keeps Google's 10-message cap from ever being reached.
-        client.patch(resource, body["id"], {**body, "messages": []})
-        if not first_sync:  # an object we lost track of is brought back silently
-            _notify_if_due(session, services, client, card, row, resource)
-    row.content_hash, row.synced_at = digest, utcnow()
-    row.notified_values = _notify_values(services, card)
-    session.flush()
+    values = _notify_values(services, card)
+    if row.content_hash != digest:
+        first_sync = row.synced_at is None
+        if not (first_sync and _inserted(session, client, card, resource, body)):
+            client.patch(resource, body["id"], objects.patch_body(body))
+        row.content_hash, row.synced_at = digest, utcnow()
+        if first_sync:  # a new object, or one we lost track of, is brought in silently
+            row.notified_values = values
+        session.flush()
+    if values != (row.notified_values or {}):
+        _notify_if_due(session, services, client, card, row, resource)
+        row.notified_values = values
+        session.flush()
     return row
 
 
@@ -159,24 +170,58 @@ def _notify_values(services: Services, card: Card) -> dict[str, Any]:
     return {name: str(values.get(name)) for name in template.google.get("notify", [])}
 
 
-def _notify_if_due(session: Session, services: Services, client: GoogleWalletClient, card: Card,
-                   row: GoogleObject, resource: str) -> bool:
-    if _notify_values(services, card) == (row.notified_values or {}):
-        return False  # nothing the holder is told about changed: update silently
-    since = utcnow() - NOTIFY_WINDOW
+def _notify_if_due(session: Session, services: Services, client: GoogleWalletClient,
+                   card: Card, row: GoogleObject, resource: str) -> bool:
+    """Add a TEXT_AND_NOTIFY message when the holder's notify values changed and the
+    object has had fewer than NOTIFY_BUDGET in NOTIFY_WINDOW; True if one was sent.
+
+    Over the budget the data still updates, silently. Google keeps its own count: when
+    it refuses although ours said there was budget left (a restored database, a reply
+    lost after Google counted the message), the message is dropped -- the object is
+    already updated, and retrying could only be refused again -- and our count is
+    brought up to the budget from now, so no notification is attempted for this object
+    until that has aged out (Google does not say when its oldest one does).
+    """
+    from app.google.client import GoogleApiError
+
+    now = utcnow()
     sent = session.scalar(select(func.count(GoogleNotification.id)).where(
-        GoogleNotification.google_object_id == row.id, GoogleNotification.sent_at > since)) or 0
+        GoogleNotification.google_object_id == row.id,
+        GoogleNotification.sent_at > now - NOTIFY_WINDOW)) or 0
     if sent >= NOTIFY_BUDGET:
-        return False  # over Google's budget: the data still updates, silently
+        return False
     template = services.templates.get(card.program.template)
     text = objects.notify_text(template, cards.card_input(card, services))
     if not text:
         return False
-    client.add_message(resource, row.object_id, {
-        "id": f"n{int(time.time() * 1000)}{secrets.token_hex(2)}",
-        "header": card.program.name[:35], "body": text[:500], "messageType": "TEXT_AND_NOTIFY"})
-    session.add(GoogleNotification(tenant_id=card.tenant_id, google_object_id=row.id))
+    message = objects.message(f"n{int(time.time() * 1000)}{secrets.token_hex(2)}",
+                              card.program.name, text, notify=True)
+    try:
+        client.add_message(resource, row.object_id, message)
+    except GoogleApiError as exc:
+        if not notification_limit_reached(exc):
+            raise
+        log.info("Google's notification limit for object %s was reached before ours "
+                 "(%d of %d counted here): message dropped", row.object_id, sent, NOTIFY_BUDGET)
+        session.add_all(GoogleNotification(tenant_id=card.tenant_id, google_object_id=row.id,
+                                           sent_at=now) for _ in range(NOTIFY_BUDGET - sent))
+        return False
+    session.add(GoogleNotification(tenant_id=card.tenant_id, google_object_id=row.id,
+                                   sent_at=now))
     return True
+
+
+def notification_limit_reached(exc: GoogleApiError) -> bool:
+    """Google's answer to a TEXT_AND_NOTIFY message over the pass's limit.
+
+    Observed: 403, ``errors[0].reason`` ``quotaExceeded`` (domain ``walletobjects``),
+    "Quota exceeded for issuer <id> when adding TEXT_AND_NOTIFY message to ..."; Google's
+    docs name it a QuotaExceededException. A 429 saying the same is read the same way;
+    a plain 429 rate limit (rateLimitExceeded) is not this, and stays retryable.
+    """
+    if exc.status not in (403, 429):
+        return False
+    return "quotaExceeded" in exc.reasons or "TEXT_AND_NOTIFY" in exc.message
 
 
 def sign_save_jwt(info: dict[str, Any], payload: dict[str, Any], origins: list[str]) -> str:
@@ -195,48 +240,100 @@ def save_url(session: Session, services: Services, card: Card,
     tenant = card.program.tenant
     info = service_account_info(services, tenant)
     template = services.templates.get(card.program.template)
-    plural = "loyaltyObjects" if objects.kind_of(template) == "loyalty" else "genericObjects"
     try:
         client = services.google_client(tenant)
         class_ref = ensure_class(session, services, client, card.program)
         row = sync_object(session, services, client, card)
-        token = sign_save_jwt(info, {plural: [{"id": row.object_id, "classId": class_ref}]},
-                              origins or [])
+        token = sign_save_jwt(info, objects.save_payload(
+            template, {"id": row.object_id, "classId": class_ref}), origins or [])
     except GoogleApiError as exc:
         if exc.status is not None and exc.status < 500 and exc.status != 429:
             raise  # our request is wrong or access is missing: not a reason to fall back
         body, _ = render_object(services, card)
-        token = sign_save_jwt(info, {plural: [body]}, origins or [])
+        token = sign_save_jwt(info, objects.save_payload(template, body), origins or [])
         if len(token) > MAX_SAFE_JWT:
             raise GoogleUnavailable("Google Wallet cannot be reached right now") from exc
     return SAVE_URL + token
 
 
-def apply_callback(session: Session, message: CallbackMessage) -> bool:
+def issuer_configured(session: Session, issuer_id: str) -> bool:
+    """Whether some tenant uses this Google issuer id (callbacks for others are refused)."""
+    return session.scalar(select(Tenant.id).where(Tenant.google_issuer_id == issuer_id)
+                          .limit(1)) is not None
+
+
+def apply_callback(session: Session, message: CallbackMessage,
+                   received_at: dt.datetime | None = None) -> bool:
     """Record a verified save/del callback once; True if the install state changed.
 
-    The nonce's primary key makes a replay a no-op. Events are ordered by their
-    expTimeMillis, so a late 'save' after a 'del' does not bring the card back.
+    The nonce's primary key makes a replay a no-op. Google's order is the order of
+    ``expTimeMillis`` (the time Google sent the message plus a fixed validity of about
+    an hour), so a late 'save' after a 'del' does not bring the card back; at the same
+    expTimeMillis the 'del' wins, whatever arrived first. The event's *time* is when
+    Passerelle received it (``received_at``), never expTimeMillis, which lies in the
+    future (see :func:`_callback_event_time` for how the two fit together).
     """
+    received_at = received_at or utcnow()
     try:
         with session.begin_nested():
             session.add(GoogleCallbackNonce(nonce=message.nonce))
     except IntegrityError:
         return False
-    row = session.scalar(select(GoogleObject).where(GoogleObject.object_id == message.object_id))
+    # Locked until commit: callbacks for one object are applied one at a time, so the
+    # order check below and the event time read the outcome of the previous one.
+    row = session.scalar(select(GoogleObject).where(GoogleObject.object_id == message.object_id)
+                         .with_for_update().execution_options(populate_existing=True))
     if row is None or message.event_type not in ("save", "del"):
         session.commit()
         return False  # not ours, or an event type we only acknowledge
     card = session.get(Card, row.card_id)
     assert card is not None  # the object's foreign key cascades with the card
-    install_state.record(session, card, "google",
-                         "saved" if message.event_type == "save" else "deleted",
-                         occurred_at=dt.datetime.fromtimestamp(message.exp_time_millis / 1000,
-                                                               dt.UTC))
+    saved = message.event_type == "save"
+    exp = message.exp_time_millis
+    install_state.record(session, card, "google", "saved" if saved else "deleted",
+                         occurred_at=_callback_event_time(session, card, row, exp, received_at))
     changed = False
-    if message.exp_time_millis > row.saved_state_at_ms:
-        saved = message.event_type == "save"
+    if exp > row.saved_state_at_ms or (exp == row.saved_state_at_ms and not saved):
         changed = saved != row.saved
-        row.saved, row.saved_state_at_ms = saved, message.exp_time_millis
+        row.saved, row.saved_state_at_ms = saved, exp
     session.commit()
     return changed
+
+
+_TICK = dt.timedelta(microseconds=1)  # the finest step both databases keep
+
+
+def _callback_event_time(session: Session, card: Card, row: GoogleObject, exp_ms: int,
+                         received_at: dt.datetime) -> dt.datetime:
+    """The install-log time of a save/del callback: when it was received, adjusted so
+    that the log's time order is Google's expTimeMillis order.
+
+    The install state (app/install_state.py) is derived from the log by time, so the
+    log must order a card's callbacks as Google sent them, while their times must be
+    real ones (timelines, funnels). Callbacks can arrive out of order, so:
+
+    - a callback newer (by expTimeMillis) than every one applied so far is dated when
+      received -- or a microsecond after the newest logged callback if a clock (another
+      worker's, or an event logged before this rule, dated at its expiry) is ahead;
+    - one with the same expTimeMillis as the newest gets that callback's time: a tie,
+      which the derivation resolves for the removal, as the ``saved`` flag does;
+    - an older one, arriving late, is dated a microsecond before the newest logged
+      callback (which superseded it, so it did happen before it), and never after its
+      own receipt.
+
+    By induction the newest callback by expTimeMillis is always the latest in the log,
+    so the state is the same whatever order they came in, and a rebuild from the log
+    agrees. Nothing is dated after its receipt, except a callback that follows one
+    logged before this rule (dated at its expiry, up to an hour ahead): order wins
+    there, for that hour.
+    """
+    latest = session.scalar(select(func.max(InstallEvent.occurred_at)).where(
+        InstallEvent.card_id == card.id, InstallEvent.platform == "google",
+        InstallEvent.kind.in_(("saved", "deleted"))))
+    if latest is None:
+        return received_at
+    if exp_ms > row.saved_state_at_ms:
+        return max(received_at, latest + _TICK)
+    if exp_ms == row.saved_state_at_ms:
+        return latest
+    return min(received_at, latest - _TICK)

@@ -6,6 +6,7 @@ import logging
 
 from flask import Blueprint, Response, abort, request, send_file
 
+from app.models import utcnow
 from app.passes.images import ROLES
 from app.passes.template import TemplateError
 from app.web import services
@@ -48,14 +49,21 @@ def image(template: str, role: str):  # type: ignore[no-untyped-def]
 @bp.post("/google/callback/<issuer_id>")
 def callback(issuer_id: str):  # type: ignore[no-untyped-def]
     from app.google.callbacks import CallbackError, verify_callback
-    from app.google.wallet import apply_callback
+    from app.google.wallet import apply_callback, issuer_configured
 
+    received_at = utcnow()  # the events' time (Google's expTimeMillis is ~1 h ahead)
     if not issuer_id.isdigit() or len(issuer_id) > 20:
         return problem(404, "Not Found", "unknown issuer")
     body = request.get_data(cache=False)
     if len(body) > 64 * 1024:
         return problem(413, "Payload Too Large", "callback body too large")
     svc = services()
+    with svc.db.session() as session:
+        known = issuer_configured(session, issuer_id)
+    if not known:
+        # Nothing is verified or stored for an issuer no tenant has (any more).
+        log.warning("refused a Google callback for unconfigured issuer %s", issuer_id)
+        return problem(404, "Not Found", "unknown issuer")
     try:
         root_keys = svc.google_root_keys.keys()
     except CallbackError as exc:
@@ -71,5 +79,5 @@ def callback(issuer_id: str):  # type: ignore[no-untyped-def]
         log.info("Google callback %r for %s acknowledged, not acted on",
                  message.event_type[:40], message.object_id)
     with svc.db.session() as session:
-        apply_callback(session, message)  # durable before we answer
+        apply_callback(session, message, received_at)  # durable before we answer
     return Response(status=200)
