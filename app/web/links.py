@@ -396,7 +396,10 @@ def _form_context(program: Program, lang: str, values: Mapping[str, str],
     # Each error points at its input; the first one is where the summary sends focus.
     return dict(brand=branding(services(), program), config=config, texts=texts,
                 digest=enrollment.texts_digest(texts), values=values, errors=errors,
-                input_types=_INPUT_TYPES, autocomplete=_AUTOCOMPLETE, honeypot=HONEYPOT)
+                input_types=_INPUT_TYPES, autocomplete=_AUTOCOMPLETE, honeypot=HONEYPOT,
+                # New per page: a second post of this page is recognised (enrollment.py).
+                submission_field=enrollment.SUBMISSION_FIELD,
+                submission=enrollment.new_submission_id())
 
 
 def _enroll_form(program: Program, action: str, campaign: str | None, *,
