@@ -87,6 +87,17 @@ def normalize_email(value: str) -> str:
     return unicodedata.normalize("NFC", checked.normalized.lower())
 
 
+def smtp_address(email: str) -> str:
+    """A stored address as an SMTP envelope and ``To:`` header take it: an IDN domain in
+    its ASCII form (``xn--…``), so any relay accepts it. A non-ASCII local part stays
+    as it is (only relays offering SMTPUTF8 can deliver it)."""
+    try:
+        checked = validate_email(email, check_deliverability=False, strict=True)
+    except EmailNotValidError:
+        return email
+    return f"{checked.local_part}@{checked.ascii_domain}"
+
+
 def normalize_locale(value: str) -> str:
     tag = value.strip().replace("_", "-")
     try:

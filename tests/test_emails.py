@@ -287,3 +287,30 @@ def test_cli_import_refuses_bad_addresses(runner, services, demo, tmp_path: Path
         emails = dict(session.execute(select(Customer.external_id, Customer.email).where(
             Customer.external_id.like("CLI-%"))).all())
     assert emails == {"CLI-2": "cli@example.org"}
+
+
+# -- the card mail to an internationalized address ----------------------------------------
+
+def test_a_member_at_an_idn_domain_is_known_in_either_spelling_and_mailed(services, demo) -> None:  # type: ignore[no-untyped-def]
+    from app import enrollment
+    from app.models import Program
+    from tests.smtp_standin import SmtpStandin
+
+    with services.db.transaction(demo["tenant_id"]) as session:
+        session.scalar(select(Customer).where(Customer.external_id == "C-1001")).email = \
+            normalize_email("Camille@Bücher.de")
+    with SmtpStandin() as smtp:
+        services.settings.smtp_url = smtp.url
+        services.settings.mail_from = "Rewards <cards@brand.example>"
+        services.jobs.huey.immediate = True
+        with services.db.transaction(demo["tenant_id"]) as session:
+            program = session.get(Program, demo["program_ids"]["rewards"])
+            texts = enrollment.consent_texts(enrollment.form_config(program), "en", program)
+            result = enrollment.enroll(session, services, program,
+                                       {"email": "camille@XN--BCHER-KVA.DE", "consent_terms": "yes"},
+                                       "en", texts)
+            assert result.held  # the same address as the member's
+        [(recipients, message)] = smtp.received
+    # Sent in ASCII (the domain's A-labels), so a relay without SMTPUTF8 takes it.
+    assert recipients == ["camille@xn--bcher-kva.de"]
+    assert "camille@xn--bcher-kva.de" in message["To"]

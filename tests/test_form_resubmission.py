@@ -157,6 +157,7 @@ def test_only_a_hash_of_the_id_is_kept_and_old_ones_are_forgotten(client, servic
         assert row.key_hash != form["submission"] and len(row.key_hash) == 64
         assert (row.purpose, row.program_id) == ("enroll", demo["program_ids"]["rewards"])
     assert enrollment.forget_submissions(services) == 0
+    assert services.jobs.forget_form_submissions.call_local() == 0  # the worker's hourly run
     later = utcnow() + enrollment.SUBMISSION_KEPT + dt.timedelta(minutes=1)
     assert enrollment.forget_submissions(services, now=later) == 1
     assert _count(services, FormSubmission) == 0
