@@ -29,6 +29,11 @@ same page, same work done, a CRM lookup either way), and nobody learns or
 receives anything they did not type. Held customers carry the attribute
 ``enrollment_held = "email_known"`` and are not written to the CRM.
 
+**Repeated posts.** Each form page carries a random submission id; a second
+post of the same page (back button, double tap, two at the same instant) gets
+the first post's outcome instead of a second enrollment (see the section at the
+end of this module).
+
 **New customers** get an external id ``px_`` + 16 hex characters (64 random
 bits; Passerelle-made, so the CRM can tell them apart), are written to the CRM
 through the outbox in the same transaction (:func:`app.crm.record_write`), and
@@ -309,7 +314,9 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
     ``customer.enrolled`` webhook (for the tenant's subscriptions).
     Known email: a held enrollment (see the module docstring). Both do the same
     work in the same order, so neither content nor timing tells them apart.
-    Does not commit.
+    The same page posted again (its ``submission`` id, see "repeated posts"
+    below): the first post's customer and card, ``repeated=True``, nothing done
+    again. Does not commit.
     """
     config = form_config(program)
     submission = validate(config, form_data, email=True, fields=True)
