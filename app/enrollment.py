@@ -318,16 +318,18 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
     below): the first post's customer and card, ``repeated=True``, nothing done
     again. Does not commit.
     """
-    config = form_config(program)
-    submission = validate(config, form_data, email=True, fields=True)
-    if submission.errors:
-        raise FormInvalid(submission.errors)
+    # A repeat gets the first post's outcome whatever the settings say now; a refused
+    # post is rolled back by the caller, claim included.
     claim = _claim(session, program, "enroll", form_data)
     if claim is not None and not claim.new:
         earlier = _earlier_enrollment(session, program, claim.row)
         if earlier is not None:
             return earlier
         claim = None  # an id from another form: this post is not a repeat of it
+    config = form_config(program)
+    submission = validate(config, form_data, email=True, fields=True)
+    if submission.errors:
+        raise FormInvalid(submission.errors)
     email = submission.values["email"]
     member = _known_member(session, services, program.tenant_id, email)
     customer = _create(session, program, submission, locale) if member is None else None
@@ -518,14 +520,19 @@ def new_submission_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+def _key_hash(form_data: Mapping[str, str]) -> str | None:
+    """SHA-256 of the posted page's submission id; None without a well-formed one."""
+    raw = str(form_data.get(SUBMISSION_FIELD, "") or "")
+    return hashlib.sha256(raw.encode("ascii")).hexdigest() if _SUBMISSION.match(raw) else None
+
+
 def _claim(session: Session, program: Program, purpose: str, form_data: Mapping[str, str], *,
            customer: Customer | None = None, fingerprint: str | None = None) -> _Claim | None:
     """Claim the posted page's submission id, or find the earlier post that did (locked
     until this transaction ends). None when the post carries no usable id."""
-    raw = str(form_data.get(SUBMISSION_FIELD, "") or "")
-    if not _SUBMISSION.match(raw):
+    key_hash = _key_hash(form_data)
+    if key_hash is None:
         return None
-    key_hash = hashlib.sha256(raw.encode("ascii")).hexdigest()
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     claimed = session.execute(
@@ -542,6 +549,18 @@ def _claim(session: Session, program: Program, purpose: str, form_data: Mapping[
         FormSubmission.key_hash == key_hash).with_for_update().execution_options(
             populate_existing=True))
     return _Claim(row, new=False) if row is not None else None
+
+
+def is_repeat(session: Session, program: Program, form_data: Mapping[str, str]) -> bool:
+    """True if this enrollment page was posted (and enrolled someone) before: the page
+    then skips checks meant for first posts (e.g. changed consent wording)."""
+    key_hash = _key_hash(form_data)
+    if key_hash is None:
+        return False
+    row = session.scalar(select(FormSubmission).where(
+        FormSubmission.tenant_id == program.tenant_id, FormSubmission.key_hash == key_hash))
+    return row is not None and (row.purpose, row.program_id) == ("enroll", program.id) \
+        and row.customer_id is not None
 
 
 def _earlier_enrollment(session: Session, program: Program,

@@ -121,6 +121,25 @@ def test_repeats_of_new_and_known_emails_look_alike(client, services, demo) -> N
                for a in answers)
 
 
+def test_a_repeat_gets_the_first_card_even_after_the_form_settings_changed(client, services, demo) -> None:  # type: ignore[no-untyped-def]
+    """Wording and fields changed between the two posts: the 409 ("the form changed") and
+    new required fields are for first posts; a repeat is not enrolled a second time."""
+    form = _filled(_join_page(client), NEW)
+    first = _post(client, form)
+    with services.db.transaction(demo["tenant_id"]) as session:
+        session.get(Program, demo["program_ids"]["rewards"]).forms = {
+            "fields": {"phone": "required"},
+            "consents": [{"kind": "terms", "required": True, "text": {"en": "New terms."}}]}
+    again = _post(client, form)
+    assert again.status_code == 303, again.get_data(as_text=True)[:300]
+    assert _customer_of(services, first.headers["Location"]) == \
+        _customer_of(services, again.headers["Location"])
+    assert _events(services, "enrolled") == 1 and _held(services) == 0
+    # A first post of that old page is shown again with the new wording, as before.
+    stale = _post(client, _filled(form, "other@example.org", submission="x" * 22))
+    assert stale.status_code == 409
+
+
 def test_a_new_page_is_a_new_enrollment(client, services, demo) -> None:  # type: ignore[no-untyped-def]
     """A shop's tablet enrolling one person after another: each page is its own."""
     before = _count(services, Customer)

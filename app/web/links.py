@@ -448,7 +448,7 @@ def _submit_enrollment(session: Session, program: Program, source: links.LinkGra
                        campaign: str | None, action: str):  # type: ignore[no-untyped-def]
     """Enroll from the posted form; 303 to the new card's landing (identical for every email)."""
     lang = _posted_lang()
-    if _form_changed(program, lang):
+    if _form_changed(program, lang) and not enrollment.is_repeat(session, program, request.form):
         return _enroll_form(program, action, campaign, values=request.form,
                             errors={"form": "error.form_changed"}, status=409, lang=lang)
     config = enrollment.form_config(program)
