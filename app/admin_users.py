@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -38,13 +37,13 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app import customers
 from app.models import AdminUser, Tenant, utcnow
 
 ROLES = ("viewer", "marketer", "admin")
 MIN_PASSWORD = 12
 #: Hashing a megabyte-long "password" is a cheap way to burn our CPU: refuse it.
 MAX_PASSWORD = 1024
-_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[^@\s]{1,63}$")
 
 #: OWASP Password Storage Cheat Sheet, Argon2id, first configuration.
 _hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
@@ -78,15 +77,21 @@ def check_role(role: str) -> str:
 
 
 def normalize_email(email: str) -> str:
-    """Lowercased and trimmed: the form in which emails are stored and looked up."""
-    return email.strip().lower()
+    """The form in which emails are stored and looked up: the customers' rule
+    (:func:`app.customers.normalize_email`); anything else trimmed and lower-cased,
+    so a sign-in with a malformed address finds nobody instead of failing."""
+    try:
+        return customers.normalize_email(email)
+    except customers.CustomerDataError:
+        return email.strip().lower()
 
 
 def check_email(email: str) -> str:
-    email = normalize_email(email)
-    if not _EMAIL.match(email):
-        raise AdminUserError("enter an email address such as name@example.com")
-    return email
+    """An address a new dashboard user may have: the same check as every customer email."""
+    try:
+        return customers.normalize_email(email)
+    except customers.CustomerDataError:
+        raise AdminUserError("enter an email address such as name@example.com") from None
 
 
 def check_password(password: str, email: str | None = None) -> str:

@@ -32,6 +32,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app import i18n, links, outbox
+from app.customers import smtp_address
 from app.db import MAIL_DISPATCH_KEY
 from app.mailer import MailError, SmtpConfig, send
 from app.models import Customer, LinkToken, MailOutboxEntry, Program, utcnow
@@ -95,7 +96,7 @@ def compose(services: Services, program: Program, customer: Customer, url: str,
     message = EmailMessage()
     message["Subject"] = _("mail.card_link.subject", program=name)
     message["From"] = services.settings.mail_from
-    message["To"] = formataddr((customer.full_name, customer.email or ""))
+    message["To"] = formataddr((customer.full_name, smtp_address(customer.email or "")))
     message["Message-ID"] = make_msgid(domain=_domain(services.settings.mail_from))
     message["Auto-Submitted"] = "auto-generated"  # no vacation replies to a robot
     message.set_content("\n\n".join([greeting, paragraphs[0], url, *paragraphs[1:]]) + "\n")

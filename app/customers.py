@@ -17,12 +17,14 @@ import csv
 import datetime as dt
 import io
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from babel import Locale, UnknownLocaleError
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
@@ -34,7 +36,8 @@ from app.models import Consent, CurrentConsent, Customer, utcnow
 STANDARD_FIELDS = ("email", "first_name", "last_name", "locale", "phone", "birthday")
 CONSENT_PREFIX = "consent_"
 BATCH_SIZE = 500
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+#: Longer input is refused before parsing (RFC 5321 allows 254 characters once normalized).
+MAX_EMAIL_INPUT = 320
 _TRUE = {"1", "true", "yes", "y", "oui", "ano", "ja"}
 _FALSE = {"0", "false", "no", "n", "non", "ne", "nein"}
 _ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
@@ -49,10 +52,50 @@ class ImportFileError(ValueError):
 
 
 def normalize_email(value: str) -> str:
-    email = value.strip().lower()
-    if len(email) > 320 or not _EMAIL.match(email):
-        raise CustomerDataError(f"email: {value!r} is not an email address")
-    return email
+    """The one check for every email address that enters Passerelle; the form to store.
+
+    Forms, CSV and NDJSON imports, the API, CRM reads, inbound hooks, the
+    dashboard and the demo all come here (through :func:`clean_standard` or
+    directly), so an address is accepted or refused the same way everywhere.
+
+    Syntax only, with ``email-validator`` (no DNS lookup: a request must not
+    wait on, or leak through, a resolver): one plain address (no display name,
+    angle brackets, quoted local part or ``[IP]`` domain), local part at most
+    64 characters and the whole at most 254 (RFC 5321), a domain with a dot
+    that is not reserved for special use (``.test``, ``.local``, ``.invalid``,
+    ``.localhost``...). Internationalized addresses are accepted: an IDN domain
+    is stored in its Unicode form, whichever form it came in (``xn--bcher-kva.de``
+    and ``bücher.de`` are one address).
+
+    Stored form: trimmed, Unicode NFC and lower-cased as a whole (as before the
+    validator came: real mailboxes ignore case, and the per-tenant uniqueness of
+    emails relies on one spelling per address).
+    """
+    if not isinstance(value, str):
+        raise CustomerDataError("email: not text")
+    text = value.strip()
+    if len(text) > MAX_EMAIL_INPUT:
+        raise CustomerDataError(f"email: longer than {MAX_EMAIL_INPUT} characters")
+    try:
+        checked = validate_email(text, check_deliverability=False, strict=True,
+                                 allow_display_name=False, allow_quoted_local=False,
+                                 allow_domain_literal=False, allow_empty_local=False,
+                                 globally_deliverable=True)
+    except EmailNotValidError as exc:
+        shown = text if len(text) <= 80 else text[:80] + "…"
+        raise CustomerDataError(f"email: {shown!r} is not an email address ({exc})") from None
+    return unicodedata.normalize("NFC", checked.normalized.lower())
+
+
+def smtp_address(email: str) -> str:
+    """A stored address as an SMTP envelope and ``To:`` header take it: an IDN domain in
+    its ASCII form (``xn--…``), so any relay accepts it. A non-ASCII local part stays
+    as it is (only relays offering SMTPUTF8 can deliver it)."""
+    try:
+        checked = validate_email(email, check_deliverability=False, strict=True)
+    except EmailNotValidError:
+        return email
+    return f"{checked.local_part}@{checked.ascii_domain}"
 
 
 def normalize_locale(value: str) -> str:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app import certs
 from app.cards import ensure_card
-from app.customers import apply_changes, record_consent
+from app.customers import apply_changes, normalize_email, record_consent
 from app.models import AppleIdentity, Customer, Program, Tenant
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def seed(session: Session, services: Services) -> DemoSeed:
         if customer is None:
             customer = Customer(tenant_id=tenant.id, external_id=external_id, attributes={})
             session.add(customer)
-            apply_changes(customer, {"email": email, "first_name": first, "last_name": last,
+            apply_changes(customer, {"email": normalize_email(email), "first_name": first, "last_name": last,
                                      "locale": locale}, attributes)
             record_consent(session, customer, "marketing_email", True, "demo")
         customers.append(customer)

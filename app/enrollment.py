@@ -29,6 +29,11 @@ same page, same work done, a CRM lookup either way), and nobody learns or
 receives anything they did not type. Held customers carry the attribute
 ``enrollment_held = "email_known"`` and are not written to the CRM.
 
+**Repeated posts.** Each form page carries a random submission id; a second
+post of the same page (back button, double tap, two at the same instant) gets
+the first post's outcome instead of a second enrollment (see the section at the
+end of this module).
+
 **New customers** get an external id ``px_`` + 16 hex characters (64 random
 bits; Passerelle-made, so the CRM can tell them apart), are written to the CRM
 through the outbox in the same transaction (:func:`app.crm.record_write`), and
@@ -47,14 +52,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import card_mail, crm, funnel, i18n, updates, webhooks_out
 from app.cards import ensure_card
 from app.customers import CustomerDataError, normalize_email, parse_birthday, record_consent
-from app.models import Card, Customer, Program
+from app.models import Card, Customer, FormSubmission, Program, utcnow
 
 if TYPE_CHECKING:
     from app.links import LinkGrant
@@ -80,12 +86,17 @@ EXTERNAL_ID_PREFIX = "px_"
 CONSENT_PREFIX = "consent_"
 TRUE_VALUES = {"yes", "on", "1", "true"}
 MAX_RAW = 1000  # no form value is longer; anything beyond is refused before parsing
+#: The hidden input carrying the random id of the form page (see "repeated posts").
+SUBMISSION_FIELD = "submission"
+#: How long a submission is remembered: longer than a form page's CSRF token (8 hours).
+SUBMISSION_KEPT = dt.timedelta(days=1)
 
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _PHONE = re.compile(r"^\+?[0-9 ().\-/]{4,40}$")
 _POSTAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 \-]{1,11}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LIMITS = {"first_name": 200, "last_name": 200}
+_SUBMISSION = re.compile(r"^[A-Za-z0-9_-]{22,64}$")
 
 
 class FormInvalid(ValueError):
@@ -286,6 +297,7 @@ class Enrollment:
     customer: Customer
     card: Card
     held: bool
+    repeated: bool = False  # the same form page was posted before: its outcome, again
 
 
 def new_external_id() -> str:
@@ -302,8 +314,18 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
     ``customer.enrolled`` webhook (for the tenant's subscriptions).
     Known email: a held enrollment (see the module docstring). Both do the same
     work in the same order, so neither content nor timing tells them apart.
-    Does not commit.
+    The same page posted again (its ``submission`` id, see "repeated posts"
+    below): the first post's customer and card, ``repeated=True``, nothing done
+    again. Does not commit.
     """
+    # A repeat gets the first post's outcome whatever the settings say now; a refused
+    # post is rolled back by the caller, claim included.
+    claim = _claim(session, program, "enroll", form_data)
+    if claim is not None and not claim.new:
+        earlier = _earlier_enrollment(session, program, claim.row)
+        if earlier is not None:
+            return earlier
+        claim = None  # an id from another form: this post is not a repeat of it
     config = form_config(program)
     submission = validate(config, form_data, email=True, fields=True)
     if submission.errors:
@@ -321,6 +343,8 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
         crm.record_write(session, customer, "create")
     card = ensure_card(session, program, customer)
     updates.refresh_cards(session, services, [card])  # render now: the page offers it at once
+    if claim is not None:
+        claim.row.customer_id = customer.id
     source = source if source is not None else program
     if held:
         if isinstance(member, Customer):
@@ -425,6 +449,17 @@ def enrich(session: Session, services: Services, customer: Customer, form_data: 
     submission = validate(config, form_data, email=False, fields=purpose == "enrich")
     if submission.errors:
         raise FormInvalid(submission.errors)
+    fingerprint = _fingerprint(submission)
+    claim = _claim(session, program, purpose, form_data, customer=customer,
+                   fingerprint=fingerprint)
+    if claim is not None and not claim.new:
+        row = claim.row
+        if (row.purpose, row.program_id, row.customer_id) == (purpose, program.id, customer.id):
+            if row.fingerprint == fingerprint:
+                log.info("%s form of program %s posted again: already applied", purpose,
+                         program.id)
+                return set()
+            row.fingerprint = fingerprint  # sent again with other values: a new edit
     changed = _apply(customer, submission)
     if customer.locale is None and i18n.primary(locale):
         customer.locale = i18n.primary(locale)
@@ -459,3 +494,100 @@ def _apply(customer: Customer, submission: Submission) -> set[str]:
     if attributes != (customer.attributes or {}):
         customer.attributes = attributes
     return changed
+
+
+# -- repeated posts -----------------------------------------------------------------------
+#
+# Every form page carries a random submission id (hidden input ``submission``, new
+# per page). The first post of a page claims it (a unique row keyed by its SHA-256,
+# written in the post's transaction); a later post of the same page (back button and
+# send again, a double tap, a retrying browser) finds the claim and gets the first
+# post's outcome instead of doing the work again: the same person's card after an
+# enrollment, nothing re-applied after a details form sent with the same values.
+# Two posts at the same instant: the second one's insert waits for the first
+# transaction (PostgreSQL's unique index, SQLite's single writer), then finds its
+# row. A post without an id (a page rendered before this existed, a script) is
+# handled as before.
+
+@dataclass
+class _Claim:
+    row: FormSubmission
+    new: bool  # claimed by this post (False: an earlier post of the same page has it)
+
+
+def new_submission_id() -> str:
+    """The random id a form page carries (128 bits, URL-safe)."""
+    return secrets.token_urlsafe(16)
+
+
+def _key_hash(form_data: Mapping[str, str]) -> str | None:
+    """SHA-256 of the posted page's submission id; None without a well-formed one."""
+    raw = str(form_data.get(SUBMISSION_FIELD, "") or "")
+    return hashlib.sha256(raw.encode("ascii")).hexdigest() if _SUBMISSION.match(raw) else None
+
+
+def _claim(session: Session, program: Program, purpose: str, form_data: Mapping[str, str], *,
+           customer: Customer | None = None, fingerprint: str | None = None) -> _Claim | None:
+    """Claim the posted page's submission id, or find the earlier post that did (locked
+    until this transaction ends). None when the post carries no usable id."""
+    key_hash = _key_hash(form_data)
+    if key_hash is None:
+        return None
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    claimed = session.execute(
+        insert(FormSubmission)
+        .values(tenant_id=program.tenant_id, key_hash=key_hash, purpose=purpose,
+                program_id=program.id, customer_id=customer.id if customer else None,
+                fingerprint=fingerprint, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["tenant_id", "key_hash"])
+        .returning(FormSubmission.id)).scalar()
+    if claimed is not None:
+        return _Claim(session.get_one(FormSubmission, claimed), new=True)
+    row = session.scalar(select(FormSubmission).where(
+        FormSubmission.tenant_id == program.tenant_id,
+        FormSubmission.key_hash == key_hash).with_for_update().execution_options(
+            populate_existing=True))
+    return _Claim(row, new=False) if row is not None else None
+
+
+def is_repeat(session: Session, program: Program, form_data: Mapping[str, str]) -> bool:
+    """True if this enrollment page was posted (and enrolled someone) before: the page
+    then skips checks meant for first posts (e.g. changed consent wording)."""
+    key_hash = _key_hash(form_data)
+    if key_hash is None:
+        return False
+    row = session.scalar(select(FormSubmission).where(
+        FormSubmission.tenant_id == program.tenant_id, FormSubmission.key_hash == key_hash))
+    return row is not None and (row.purpose, row.program_id) == ("enroll", program.id) \
+        and row.customer_id is not None
+
+
+def _earlier_enrollment(session: Session, program: Program,
+                        row: FormSubmission) -> Enrollment | None:
+    """What the first post of this enrollment page gave: the same customer and card."""
+    if row.purpose != "enroll" or row.program_id != program.id or row.customer_id is None:
+        return None
+    customer = session.get(Customer, row.customer_id)
+    if customer is None:
+        return None
+    log.info("enrollment form of program %s posted again: the first post's card is given",
+             program.id)
+    held = HELD_ATTRIBUTE in (customer.attributes or {})
+    return Enrollment(customer, ensure_card(session, program, customer), held, repeated=True)
+
+
+def _fingerprint(submission: Submission) -> str:
+    """SHA-256 of what a form would apply (to tell a double post from a changed one)."""
+    canonical = json.dumps([submission.values, submission.attributes, submission.consents],
+                           sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def forget_submissions(services: Services, now: dt.datetime | None = None) -> int:
+    """Delete submissions older than :data:`SUBMISSION_KEPT` (their pages can no longer
+    be posted); the number deleted. Run hourly by the worker."""
+    cutoff = (now or utcnow()) - SUBMISSION_KEPT
+    with services.db.transaction() as session:
+        result = session.execute(delete(FormSubmission).where(FormSubmission.created_at < cutoff))
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -102,6 +102,15 @@ class JobQueue:
         log.info("pruned %s", ", ".join(f"{t} {n}" for t, n in deleted.items() if n) or "nothing")
         return deleted
 
+        @self.huey.periodic_task(crontab(minute="23"), name="forget_form_submissions")
+        def forget_form_submissions() -> int:
+            """Hourly: form submission ids whose pages can no longer be posted."""
+            from app import enrollment
+
+            return enrollment.forget_submissions(self.services)  # type: ignore[arg-type]
+
+        self.forget_form_submissions = forget_form_submissions
+
     def _durable(self, task_name: str, sweep_name: str, what: str,
                  attempt: Callable[[Any, int], Attempt],
                  due: Callable[[Any], list[int]]) -> tuple[TaskWrapper, TaskWrapper]:

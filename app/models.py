@@ -493,6 +493,29 @@ class FunnelEvent(TenantOwned, Base):
     occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class FormSubmission(TenantOwned, Base):
+    """A posted enrollment, details or consent form, known by the random id its page
+    carried (only the SHA-256 of it is kept). A repeated post of the same page (back
+    button, double tap, two requests at once) gets what the first one did instead of
+    doing it again; the unique key makes the race safe. Kept a day (pages' CSRF
+    tokens last 8 hours, so no older page can be posted)."""
+
+    __tablename__ = "form_submissions"
+    __table_args__ = (UniqueConstraint("tenant_id", "key_hash"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(16))  # enroll | enrich | consent
+    program_id: Mapped[int] = mapped_column(ForeignKey("programs.id", ondelete="CASCADE"))
+    # Whose card the page gave (enroll) or whose record it changed (enrich, consent);
+    # set in the transaction that claimed the key.
+    customer_id: Mapped[int | None] = mapped_column(
+        ForeignKey("customers.id", ondelete="CASCADE"))
+    # SHA-256 of the values applied: a details form sent again with other values is applied.
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+
+
 class CrmConnection(TenantOwned, Base):
     """How a tenant's CRM is reached. No row (or kind "builtin"): Passerelle is the CRM."""
 

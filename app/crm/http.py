@@ -34,7 +34,7 @@ from app.crm.connector import (
     CrmRejected,
     CrmUnavailable,
 )
-from app.customers import CustomerDataError, clean_standard, parse_consent
+from app.customers import CustomerDataError, clean_standard, normalize_email, parse_consent
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,10 @@ class HttpConnector:
         records = [self.mapping.read(item) for item in candidates if isinstance(item, dict)]
         if "email" in self.mapping.paths:
             # A CRM that ignored the filter must not hand us somebody else.
-            wanted = email.strip().lower()
+            try:
+                wanted = normalize_email(email)
+            except CustomerDataError:
+                return None
             records = [r for r in records if (r.email or "").lower() == wanted]
         if len(records) > 1:
             log.warning("CRM of tenant %s: %d records share one email; using %s",

@@ -396,7 +396,10 @@ def _form_context(program: Program, lang: str, values: Mapping[str, str],
     # Each error points at its input; the first one is where the summary sends focus.
     return dict(brand=branding(services(), program), config=config, texts=texts,
                 digest=enrollment.texts_digest(texts), values=values, errors=errors,
-                input_types=_INPUT_TYPES, autocomplete=_AUTOCOMPLETE, honeypot=HONEYPOT)
+                input_types=_INPUT_TYPES, autocomplete=_AUTOCOMPLETE, honeypot=HONEYPOT,
+                # New per page: a second post of this page is recognised (enrollment.py).
+                submission_field=enrollment.SUBMISSION_FIELD,
+                submission=enrollment.new_submission_id())
 
 
 def _enroll_form(program: Program, action: str, campaign: str | None, *,
@@ -445,7 +448,7 @@ def _submit_enrollment(session: Session, program: Program, source: links.LinkGra
                        campaign: str | None, action: str):  # type: ignore[no-untyped-def]
     """Enroll from the posted form; 303 to the new card's landing (identical for every email)."""
     lang = _posted_lang()
-    if _form_changed(program, lang):
+    if _form_changed(program, lang) and not enrollment.is_repeat(session, program, request.form):
         return _enroll_form(program, action, campaign, values=request.form,
                             errors={"form": "error.form_changed"}, status=409, lang=lang)
     config = enrollment.form_config(program)
