@@ -509,6 +509,19 @@ def test_dead_links_are_branded_in_the_members_language_with_a_fresh_link(  # ty
     assert again.status_code == 200 and len(smtp.received) == 1
 
 
+def test_a_link_with_the_longest_campaign_can_still_ask_for_a_fresh_link(  # type: ignore[no-untyped-def]
+        client, services, demo, smtp) -> None:
+    """Links take campaigns of 100 characters; the mail outbox must keep them whole."""
+    campaign = "c" * 100
+    token = issue(services, demo, "C-1003", campaign=campaign)
+    _kill(services, demo, token, "expired", client)
+    action, fields = _form_fields(html(get(client, f"/l/{token}")), r"/l/[A-Za-z0-9_-]+/send")
+    assert client.post(action, data=fields).status_code == 200
+    with services.db.session() as session:
+        grant = links.resolve_token(session, _mailed_link(smtp, "lena.mueller@example.com"))
+    assert grant.campaign == campaign
+
+
 def test_the_answer_does_not_tell_whether_an_address_is_on_file(client, services, demo,  # type: ignore[no-untyped-def]
                                                                  smtp) -> None:
     with services.db.transaction(demo["tenant_id"]) as session:
