@@ -44,7 +44,7 @@ import datetime as dt
 import logging
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -460,11 +460,11 @@ def _send_card_link(grant: links.LinkGrant) -> tuple[str, int]:
         return _page("link_error.html", lang, 200, key="link_sent", brand=branding(svc, program))
 
 
-def _dead_or_alive(resolve: Any) -> links.LinkGrant:
+def _dead_or_alive(resolve: Callable[[Session], links.LinkGrant]) -> links.LinkGrant:
     """The grant of a link that is valid, or genuine but expired, revoked or used up."""
     with services().db.session() as session:
         try:
-            grant: links.LinkGrant = resolve(session)
+            grant = resolve(session)
         except _DEAD as exc:
             if exc.grant is None:
                 raise
