@@ -1,9 +1,16 @@
-"""Emailing members their own card: the mailer behind held enrollments.
+"""Emailing members their own card: the mailer behind held enrollments and link requests.
 
 When someone enrolls with an email that belongs to a member, the page cannot
 say so (see :mod:`app.enrollment`). Instead the member is emailed a fresh
 personal link to their own card, at the address we already hold: only the
-owner of that mailbox gets the card.
+owner of that mailbox gets the card (kind ``card_link``).
+
+The same email answers a member who asks for it from a page of their own
+link (kind ``requested_link``): an expired, revoked or used-up link's page
+("email me a new link"), or a landing whose wallet the program does not offer
+yet ("email me my card", to add it later or on another phone). The page never
+shows or takes an address: the link names the member, the email goes to the
+address on file, and the page says the same whether one was sent or not.
 
 Durable like the other outboxes (:mod:`app.outbox`): a ``mail_outbox`` row is
 written in the enrollment's transaction and queued once it commits; a worker
@@ -31,17 +38,20 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app import i18n, links, outbox
+from app import funnel, i18n, links, outbox
 from app.customers import smtp_address
 from app.db import MAIL_DISPATCH_KEY
 from app.mailer import MailError, SmtpConfig, send
 from app.models import Customer, LinkToken, MailOutboxEntry, Program, utcnow
 
 if TYPE_CHECKING:
+    from app.links import LinkGrant
     from app.services import Services
 
 log = logging.getLogger(__name__)
 
+#: What an email says, by ``MailOutboxEntry.kind`` (``mail.<kind>.*`` messages).
+KINDS = ("card_link", "requested_link")
 COOLDOWN = dt.timedelta(minutes=15)
 LINK_LIFETIME = dt.timedelta(days=7)
 LEASE = dt.timedelta(minutes=2)
@@ -55,13 +65,16 @@ def enabled(services: Services) -> bool:
 
 
 def request_card_link(session: Session, services: Services, program: Program,
-                      member: Customer, *, lang: str,
-                      campaign: str | None = None) -> MailOutboxEntry | None:
+                      member: Customer, *, lang: str, campaign: str | None = None,
+                      kind: str = "card_link") -> MailOutboxEntry | None:
     """Queue "here is your card" for a member, in the caller's transaction.
 
     None (and nothing queued) without a mailer, without an address, or when
-    the member was sent one for this program less than ``COOLDOWN`` ago.
+    the member was sent one for this program less than ``COOLDOWN`` ago
+    (whatever its kind).
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown card mail kind {kind!r}")
     if not enabled(services) or not member.email:
         return None
     now = utcnow()
@@ -71,7 +84,7 @@ def request_card_link(session: Session, services: Services, program: Program,
     if recent is not None:
         return None
     entry = MailOutboxEntry(tenant_id=member.tenant_id, program_id=program.id,
-                            customer_id=member.id, kind="card_link", locale=lang,
+                            customer_id=member.id, kind=kind, locale=lang,
                             campaign=campaign, created_at=now, attempts=0)
     session.add(entry)
     session.flush()
@@ -79,19 +92,31 @@ def request_card_link(session: Session, services: Services, program: Program,
     return entry
 
 
+def member_asked(session: Session, services: Services, program: Program, source: LinkGrant,
+                 member: Customer, *, lang: str, platform: str | None = None) -> None:
+    """A member asked for their card from a page of their own link (see the module docstring).
+
+    Records ``link_requested`` and queues a ``requested_link`` email, within the
+    cooldown shared with every card mail. The caller answers the same page
+    whatever happened here. Does not commit.
+    """
+    funnel.record(session, source, "link_requested", customer=member, platform=platform)
+    request_card_link(session, services, program, member, lang=lang, campaign=source.campaign,
+                      kind="requested_link")
 
 
 # -- the message ------------------------------------------------------------------------------
 
 def compose(services: Services, program: Program, customer: Customer, url: str,
-            lang: str) -> EmailMessage:
+            lang: str, kind: str = "card_link") -> EmailMessage:
     """The email in the member's language: plain text and a simple HTML alternative."""
     _ = i18n.translator(lang)
     name = program.name
     days = LINK_LIFETIME.days
     greeting = (_("mail.greeting_name", name=customer.first_name) if customer.first_name
                 else _("mail.greeting"))
-    paragraphs = [_("mail.card_link.body", program=name),
+    body = "mail.requested_link.body" if kind == "requested_link" else "mail.card_link.body"
+    paragraphs = [_(body, program=name),
                   _("mail.card_link.expiry", days=days), _("mail.card_link.ignore")]
     message = EmailMessage()
     message["Subject"] = _("mail.card_link.subject", program=name)
@@ -153,7 +178,8 @@ def attempt(services: Services, entry_id: int) -> Sent:
                                   campaign=entry.campaign, expires_at=now + LINK_LIFETIME)
         message = compose(services, program, customer,
                           links.link_url(services.settings.public_url, token),
-                          i18n.primary(entry.locale) or i18n.primary(customer.locale) or "en")
+                          i18n.primary(entry.locale) or i18n.primary(customer.locale) or "en",
+                          entry.kind)
         session.commit()  # the link exists before anyone can click it
         try:
             send(config, message)

@@ -54,6 +54,14 @@ def ensure_card(session: Session, program: Program, customer: Customer) -> Card:
     return card
 
 
+def apple_configured(session: Session, program: Program) -> bool:
+    """True if the tenant registered the certificate of the program's pass type (Apple Wallet
+    is offered); the pages show no Apple button otherwise."""
+    return session.scalar(select(AppleIdentity.id).where(
+        AppleIdentity.tenant_id == program.tenant_id,
+        AppleIdentity.pass_type_identifier == program.pass_type_identifier)) is not None
+
+
 def apple_identity(session: Session, program: Program) -> AppleIdentity:
     identity = session.scalar(
         select(AppleIdentity).where(

@@ -67,14 +67,22 @@ _MAX_CAMPAIGN = 100  # LinkToken.campaign
 
 
 class LinkError(Exception):
-    """A link that cannot be honoured. ``reason`` is a short word; str() a log sentence."""
+    """A link that cannot be honoured. ``reason`` is a short word; str() a log sentence.
+
+    ``grant`` is what a *genuine* link was for (its token was found, or its signature
+    verified) that is expired, revoked or used up: its page may then carry the
+    program's brand and the member's language and offer a fresh link. It is never
+    set on :class:`LinkInvalid`, so an unknown or forged link learns nothing.
+    """
 
     reason = "error"
 
-    def __init__(self, message: str, reason: str | None = None) -> None:
+    def __init__(self, message: str, reason: str | None = None, *,
+                 grant: LinkGrant | None = None) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
+        self.grant = grant
 
 
 class LinkInvalid(LinkError):
@@ -249,15 +257,17 @@ def resolve_token(session: Session, token: str, *, now: dt.datetime | None = Non
     link: LinkToken = row.LinkToken
     if link.customer_id is not None and row.own_customer_id is None:
         raise LinkInvalid(f"link {link.id} names a customer outside its tenant", "foreign")
+    grant = LinkGrant(tenant_id=link.tenant_id, program_id=link.program_id,
+                      customer_id=link.customer_id, purpose=link.purpose, campaign=link.campaign,
+                      link_id=link.id, expires_at=link.expires_at, signed=False,
+                      external_id=None)
     if link.revoked_at is not None:
-        raise LinkRevoked(f"link {link.id} was revoked")
+        raise LinkRevoked(f"link {link.id} was revoked", grant=grant)
     if link.expires_at is not None and link.expires_at <= now:
-        raise LinkExpired(f"link {link.id} expired")
+        raise LinkExpired(f"link {link.id} expired", grant=grant)
     if link.max_uses is not None and link.uses >= link.max_uses:
-        raise LinkUsedUp(f"link {link.id} reached its use limit")
-    return LinkGrant(tenant_id=link.tenant_id, program_id=link.program_id,
-                     customer_id=link.customer_id, purpose=link.purpose, campaign=link.campaign,
-                     link_id=link.id, expires_at=link.expires_at, signed=False, external_id=None)
+        raise LinkUsedUp(f"link {link.id} reached its use limit", grant=grant)
+    return grant
 
 
 def record_use(session: Session, grant: LinkGrant, *, now: dt.datetime | None = None) -> None:
@@ -274,7 +284,7 @@ def record_use(session: Session, grant: LinkGrant, *, now: dt.datetime | None = 
         .values(uses=LinkToken.uses + 1, last_used_at=now or utcnow())
         .execution_options(synchronize_session=False))
     if result.rowcount == 0:  # type: ignore[attr-defined]
-        raise LinkUsedUp(f"link {grant.link_id} reached its use limit")
+        raise LinkUsedUp(f"link {grant.link_id} reached its use limit", grant=grant)
 
 
 def revoke_tokens(session: Session, *, tenant_id: int, program_id: int | None = None,
@@ -377,18 +387,21 @@ def resolve_signed(session: Session, params: Mapping[str, str], *,
     if expires > (now + MAX_SIGNED_LIFETIME).timestamp():
         raise LinkInvalid(f"signed link expiring more than {MAX_SIGNED_LIFETIME.days} days "
                           f"ahead (tenant {tenant.id})", "too_far")
-    if expires <= now.timestamp():
-        raise LinkExpired(f"signed link expired (tenant {tenant.id})")
     program_id = session.scalar(select(Program.id).where(
         Program.tenant_id == tenant.id, Program.slug == p["program"]))
+    if expires <= now.timestamp() and program_id is None:
+        raise LinkExpired(f"signed link expired (tenant {tenant.id})")
     if program_id is None:
         raise LinkInvalid(f"signed link for an unknown program (tenant {tenant.id})", "program")
     customer_id = session.scalar(select(Customer.id).where(
         Customer.tenant_id == tenant.id, Customer.external_id == p["customer"]))
-    return LinkGrant(tenant_id=tenant.id, program_id=program_id, customer_id=customer_id,
-                     purpose=p["purpose"], campaign=None, link_id=None,
-                     expires_at=dt.datetime.fromtimestamp(expires, dt.UTC), signed=True,
-                     external_id=p["customer"])
+    grant = LinkGrant(tenant_id=tenant.id, program_id=program_id, customer_id=customer_id,
+                      purpose=p["purpose"], campaign=None, link_id=None,
+                      expires_at=dt.datetime.fromtimestamp(expires, dt.UTC), signed=True,
+                      external_id=p["customer"])
+    if expires <= now.timestamp():
+        raise LinkExpired(f"signed link expired (tenant {tenant.id})", grant=grant)
+    return grant
 
 
 def rotate_link_secret(session: Session, tenant: Tenant, *, keep_previous: bool = True) -> str:

@@ -571,9 +571,9 @@ class MailOutboxEntry(TenantOwned, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     program_id: Mapped[int] = mapped_column(ForeignKey("programs.id", ondelete="CASCADE"))
     customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(32))  # card_link
+    kind: Mapped[str] = mapped_column(String(32))  # card_link | requested_link
     locale: Mapped[str | None] = mapped_column(String(35))  # the page's language when asked
-    campaign: Mapped[str | None] = mapped_column(String(64))
+    campaign: Mapped[str | None] = mapped_column(String(100))  # as long as LinkToken.campaign
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[dt.datetime | None]

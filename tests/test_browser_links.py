@@ -25,6 +25,7 @@ from tests.browser import ARTIFACTS, CHROMIUM, live_server
 from tests.crm_standin import CrmStandin
 from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
 from tests.pkpass_check import verify_pkpass
+from tests.smtp_standin import SmtpStandin
 from tests.test_platforms import ANDROID_CHROME, DESKTOP_CHROME, IPAD_OLD, IPADOS, IPHONE_SAFARI
 
 pytestmark = pytest.mark.skipif(
@@ -239,7 +240,136 @@ def test_tampered_and_expired_links_show_friendly_pages(server, services, demo, 
             expires_at=utcnow() - dt.timedelta(minutes=1)))
     response = phone.page.goto(f"{server}/l/{token}")
     assert response.status == 410
-    assert phone.page.locator("h1").inner_text() == "Platnost tohoto odkazu vypršela"
+    # A genuine link speaks its member's language: Camille reads French, whatever the phone.
+    assert phone.page.locator("h1").inner_text() == "Ce lien a expiré"
+    assert phone.page.get_attribute("html", "lang") == "fr"
+
+
+# -- what the program offers, and dead links with a way forward (issue 11, items 5 and 6) --
+
+@pytest.fixture()
+def smtp(services) -> Iterator[SmtpStandin]:  # type: ignore[no-untyped-def]
+    with SmtpStandin() as standin:
+        services.settings.smtp_url = standin.url
+        services.settings.mail_from = "Nordhaven <cards@brand.example>"
+        services.jobs.huey.immediate = True  # queued after commit, sent in-process
+        yield standin
+
+
+def issue_for(services, demo, external_id: str, program: str, **options) -> str:  # type: ignore[no-untyped-def]
+    with services.db.transaction(demo["tenant_id"]) as session:
+        row = session.get(Program, demo["program_ids"][program])
+        customer = session.scalar(select(Customer).where(Customer.external_id == external_id))
+        return links.issue_token(session, row, customer, "download", **options)
+
+
+def mailed_token(smtp: SmtpStandin, address: str) -> str:
+    [(recipients, message)] = smtp.received
+    assert recipients == [address]
+    [token] = re.findall(r"/l/([A-Za-z0-9_-]{32})", message.get_body(("plain",)).get_content())
+    return token
+
+
+def test_android_without_google_is_told_so_and_can_have_its_card_emailed(  # type: ignore[no-untyped-def]
+        server, services, demo, visit, smtp) -> None:
+    phone = visit("android", locale="en-US")
+    phone.page.goto(f"{server}/l/{issue_for(services, demo, 'C-1003', 'rewards')}")
+    assert phone.page.get_attribute("html", "lang") == "de"  # Lena's language
+    assert phone.page.locator("a.wallet").count() == 0  # no .pkpass for an Android phone
+    assert phone.page.get_by_text("Am Computer?").count() == 0
+    assert phone.page.locator(".unavailable").inner_text() == \
+        "Diese Karte ist für Google Wallet noch nicht verfügbar."
+    phone.shot("links-android-no-google.png")
+    phone.page.get_by_role("button", name="Karte per E-Mail schicken").click()
+    phone.page.wait_for_url(re.compile(r"/send$"))
+    assert phone.page.locator("h1").inner_text() == "Sehen Sie in Ihrem Posteingang nach"
+    phone.shot("links-android-card-emailed.png")
+    fresh = mailed_token(smtp, "lena.mueller@example.com")
+    phone.page.goto(f"{server}/l/{fresh}")
+    assert phone.page.locator(".unavailable").count() == 1  # her own card, still no Google
+    phone.page.get_by_role("link", name=re.compile("Alle Möglichkeiten")).click()
+    assert phone.page.locator(".qr h2").inner_text() == "Auf einem anderen Smartphone?"
+
+
+@pytest.mark.parametrize("device", ["android", "iphone", "desktop"])
+def test_a_dead_link_looks_like_its_program_and_leads_to_a_fresh_link(  # type: ignore[no-untyped-def]
+        server, services, demo, visit, smtp, device) -> None:
+    import datetime as dt
+
+    from app.models import LinkToken, utcnow
+
+    token = issue_for(services, demo, "C-1003", "club", campaign="winter")
+    with services.db.transaction() as session:
+        session.execute(LinkToken.__table__.update().values(
+            expires_at=utcnow() - dt.timedelta(minutes=1)))
+    visitor = visit(device, locale="en-GB")
+    response = visitor.page.goto(f"{server}/l/{token}")
+    assert response.status == 410
+    page = visitor.page
+    assert page.get_attribute("html", "lang") == "de"
+    assert page.locator("h1").inner_text() == "Dieser Link ist abgelaufen"
+    header = page.locator("header.brand")
+    assert header.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(18, 52, 86)"
+    assert "Nordhaven Club" in header.inner_text()
+    assert page.locator("header.brand img").evaluate("i => i.complete && i.naturalWidth > 0")
+    text = page.locator("body").inner_text()
+    assert "Lena" not in text and "lena" not in page.content().lower()
+    visitor.shot(f"links-expired-{device}-de.png")
+    page.get_by_role("button", name="Neuen Link per E-Mail schicken").click()
+    page.wait_for_url(re.compile(r"/send$"))
+    assert page.locator("h1").inner_text() == "Sehen Sie in Ihrem Posteingang nach"
+    assert page.locator("header.brand").evaluate(
+        "e => getComputedStyle(e).backgroundColor") == "rgb(18, 52, 86)"
+    visitor.shot(f"links-fresh-link-sent-{device}-de.png")
+    fresh = mailed_token(smtp, "lena.mueller@example.com")
+    assert page.goto(f"{server}/l/{fresh}").status == 200
+
+
+def test_a_dead_enrollment_link_leads_to_the_enrollment_form(server, services, demo,  # type: ignore[no-untyped-def]
+                                                             visit) -> None:
+    from app.models import LinkToken
+
+    with services.db.transaction(demo["tenant_id"]) as session:
+        program = session.get(Program, demo["program_ids"]["rewards"])
+        token = links.issue_token(session, program, None, "enroll", campaign="poster",
+                                  max_uses=1)
+    with services.db.transaction() as session:
+        session.execute(LinkToken.__table__.update().values(uses=1))
+    desk = visit("desktop", locale="cs-CZ")
+    assert desk.page.goto(f"{server}/l/{token}").status == 410
+    assert desk.page.locator("h1").inner_text() == "Tento odkaz už byl použit"
+    desk.shot("links-used-up-enroll-cs.png")
+    desk.page.get_by_role("link", name=re.compile("Přidejte se")).click()
+    desk.page.wait_for_url(re.compile(r"/join/demo/rewards\?campaign=poster$"))
+    assert desk.page.get_by_label("E-mailová adresa").count() == 1
+
+
+def test_an_ipad_is_not_offered_google_when_the_program_has_no_apple(  # type: ignore[no-untyped-def]
+        server, settings, services, demo, visit, tmp_path) -> None:
+    from app.models import AppleIdentity
+
+    with GoogleStandin() as google:
+        settings.google_api_url = google.url
+        info, _ = google.new_service_account()
+        path = tmp_path / "sa.json"
+        path.write_text(json.dumps(info))
+        with services.db.transaction() as session:
+            tenant = session.get(Tenant, demo["tenant_id"])
+            tenant.google_issuer_id, tenant.google_service_account_file = DEFAULT_ISSUER_ID, str(path)
+            session.execute(AppleIdentity.__table__.delete())
+        token = issue(services, demo, "C-1004")
+        tablet = visit("ipados")
+        tablet.page.goto(f"{server}/l/{token}")
+        assert tablet.page.get_attribute(".page", "data-platform") == "ipad"
+        assert tablet.page.locator(".ipad-missing").is_visible()
+        assert not tablet.page.locator(".lead").is_visible()  # "add it to your wallet": not here
+        assert not tablet.page.locator("a.wallet.google").is_visible()
+        assert not tablet.page.locator(".qr").is_visible()
+        tablet.shot("links-ipados-no-apple.png")
+        mac = visit("mac")  # the same page on a real Mac: Google's button and the QR code
+        mac.page.goto(f"{server}/l/{token}")
+        assert mac.page.locator("a.wallet.google").is_visible()
+        assert mac.page.locator(".qr h2").inner_text() == "On a computer?"
 
 
 # -- enrollment ---------------------------------------------------------------------------

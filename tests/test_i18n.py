@@ -14,7 +14,7 @@ from app import i18n
 TEMPLATES = Path(i18n.__file__).resolve().parent / "templates"
 #: People's pages: every visible word must come from the catalogue.
 LOCALIZED_PAGES = ("landing.html", "enroll.html", "details.html", "link_error.html",
-                   "_form_fields.html", "_brand.html")
+                   "_form_fields.html", "_brand.html", "_send_form.html")
 #: ``_("key")`` or ``_("key", name=...)``; composed keys (``"page." ~ key``) are tested apart.
 KEY_CALL = re.compile(r"""\b_\(\s*["']([A-Za-z0-9_.]+)["']\s*[,)]""")
 
@@ -77,13 +77,23 @@ def test_every_key_used_by_a_template_exists() -> None:
 
 def test_every_key_built_at_run_time_exists() -> None:
     """Keys templates compose (``"page." ~ key``, ``"field." ~ name``, error keys)."""
-    from app import enrollment
+    import typing
+
+    from app import enrollment, platforms
     from app.web import links as pages
 
     keys = {f"page.{key}.{part}" for key in pages.PAGE_KEYS for part in ("title", "text")}
     keys |= {f"field.{name}" for name in ("email", *enrollment.FIELDS)}
     keys |= {f"consent.{kind}" for kind in enrollment.KNOWN_CONSENTS}
     keys |= set(pages.NOTICES.values())
+    # "Not available for this wallet" notices (platforms.Offer.missing) and button keys the
+    # templates pass to _send_form.html.
+    hint = typing.get_type_hints(platforms.Offer)["missing"]  # Literal[...] | None
+    missing = {name for arg in typing.get_args(hint) for name in typing.get_args(arg)}
+    keys |= {f"landing.missing_{name}" for name in missing}
+    for path in TEMPLATES.glob("*.html"):
+        keys |= set(re.findall(r'send_button = "([a-z_.]+)"', path.read_text(encoding="utf-8")))
+    assert {"landing.missing_google", "page.fresh_link.button"} <= keys
     source = Path(enrollment.__file__).read_text(encoding="utf-8")
     keys |= set(re.findall(r'"(error\.[a-z_]+)"', source))
     assert "error.consent_required" in keys and "page.csrf.title" in keys

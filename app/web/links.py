@@ -14,6 +14,17 @@ Routes (no personal data in any of them):
   ``/s/apple`` and ``/s/google`` with the same parameters serve the wallets
   directly, for buttons inside an email.
 - ``GET|POST /join/<tenant>/<program>``: the public enrollment form.
+- ``POST /l/<token>/send`` and ``POST /s/send`` (the signed parameters in the
+  form): "email me my card", from the page of an expired, revoked or used-up
+  link, or from a landing whose wallet the program does not offer. The email
+  goes to the address on file (:mod:`app.card_mail`); the answer is the same
+  page whether one was sent or not.
+
+An expired, revoked or used-up link whose token or signature is genuine gets a
+page in its program's colours and logo, in the member's language, with a way
+to a fresh link: the email above for personal links (when a mailer is set
+up), the program's public enrollment form for enrollment links. Unknown,
+tampered and malformed links get a plain page that names nothing.
 
 A *use* is an opening of the landing page, not a button press: that is what a
 marketer's "max uses" means. A link with a use limit (and every signed link)
@@ -33,7 +44,7 @@ import datetime as dt
 import logging
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -46,9 +57,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
-from app import crm, enrollment, funnel, i18n, install_state, links, platforms
+from app import card_mail, crm, enrollment, funnel, i18n, install_state, links, platforms
 from app.branding import branding
-from app.cards import CardError, build_pkpass, ensure_card
+from app.cards import CardError, apple_configured, build_pkpass, ensure_card
 from app.certs import CertificateError
 from app.google.client import GoogleApiError
 from app.google.wallet import (
@@ -85,9 +96,11 @@ _CAMPAIGN = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _STATUS_KEYS = {400: "bad_request", 404: "not_found", 405: "bad_request", 413: "bad_request",
                 429: "rate_limited"}
 #: Every friendly page (``page.<key>.title`` and ``.text`` messages in each language).
-PAGE_KEYS = ("link_invalid", "link_expired", "link_revoked", "link_used_up", "crm_stale",
-             "google_unavailable", "google_missing", "card_unavailable", "csrf", "rate_limited",
-             "not_found", "bad_request", "error")
+PAGE_KEYS = ("link_invalid", "link_expired", "link_revoked", "link_used_up", "link_sent",
+             "crm_stale", "google_unavailable", "google_missing", "apple_missing",
+             "card_unavailable", "csrf", "rate_limited", "not_found", "bad_request", "error")
+#: Links that can no longer be used but were genuine: their page may show who sent them.
+_DEAD = (links.LinkExpired, links.LinkRevoked, links.LinkUsedUp)
 _INPUT_TYPES = {"email": "email", "phone": "tel", "birthday": "date"}
 _AUTOCOMPLETE = {"email": "email", "first_name": "given-name", "last_name": "family-name",
                  "phone": "tel", "birthday": "bday", "postal_code": "postal-code"}
@@ -138,7 +151,39 @@ def _link_error(exc: links.LinkError):  # type: ignore[no-untyped-def]
         return _error_page(403, "link_invalid")
     key = {links.LinkExpired: "link_expired", links.LinkRevoked: "link_revoked",
            links.LinkUsedUp: "link_used_up"}.get(type(exc), "link_invalid")
-    return _error_page(410, key)
+    if exc.grant is None:
+        return _error_page(410, key)
+    return _dead_link_page(exc.grant, key)
+
+
+def _dead_link_page(grant: links.LinkGrant, key: str) -> tuple[str, int]:
+    """A genuine link that cannot be used any more: the program's look, the member's
+    language, and the way to a fresh link the program offers. Nothing personal is shown."""
+    svc = services()
+    with svc.db.transaction(grant.tenant_id) as session:
+        program = session.get(Program, grant.program_id)
+        if program is None:
+            return _error_page(410, key)
+        customer = session.get(Customer, grant.customer_id) if grant.customer_id else None
+        context: dict[str, Any] = {"brand": branding(svc, program)}
+        if grant.purpose == "enroll":
+            campaign = _campaign(grant.campaign)
+            context["join_url"] = (f"/join/{program.tenant.slug}/{program.slug}"
+                                   + (f"?campaign={campaign}" if campaign else ""))
+        elif card_mail.enabled(svc):
+            context.update(_send_form(grant))
+        return _page("link_error.html", _lang(customer.locale if customer else None), 410,
+                     key=key, **context)
+
+
+def _send_form(grant: links.LinkGrant) -> dict[str, Any]:
+    """Where the "email me my card" button posts, for the link this request came with."""
+    if grant.signed:
+        source = request.form if request.method == "POST" else request.args
+        return {"send_url": f"{links.SIGNED_PATH}/send",
+                "send_fields": {name: source.get(name, "") for name in links.SIGNED_PARAMS}}
+    token = (request.view_args or {}).get("token", "")
+    return {"send_url": f"{links.token_path(token)}/send", "send_fields": {}}
 
 
 @bp.errorhandler(PageError)
@@ -254,22 +299,25 @@ def _google_enabled(svc: Services, tenant: Tenant) -> bool:
 def _landing(session: Session, program: Program, customer: Customer, page_token: str,
              platform: str, *, notice: str | None = None, show_all: bool = False
              ) -> tuple[str, int]:
-    """The card buttons for this platform; both plus a QR code on desktops."""
+    """The card buttons for this device and what the program offers (platforms.offer)."""
     svc = services()
     ensure_card(session, program, customer)
-    google = _google_enabled(svc, program.tenant)
-    # Without Google Wallet an Android visitor still gets something to do: the desktop
-    # layout's Apple button and QR code (for an iPhone at hand).
-    layout = "desktop" if show_all or (platform == "google" and not google) else platform
+    user_agent = request.headers.get("User-Agent")
+    device = platforms.device(user_agent, touch_hint=request.args.get("touch") == "1")
+    offer = platforms.offer(device, apple=apple_configured(session, program),
+                            google=_google_enabled(svc, program.tenant), show_all=show_all)
     base = links.token_path(page_token)
+    # A wallet this device takes is missing: the member may have the link emailed, to add
+    # the card later or on another phone.
+    send = offer.missing is not None and card_mail.enabled(svc)
     context = dict(
-        brand=branding(svc, program), platform=layout, notice=NOTICES.get(notice or ""),
-        show_apple=layout in ("apple", "desktop"),
-        show_google=google and layout in ("google", "desktop"),
+        brand=branding(svc, program), platform=offer.layout, offer=offer,
+        notice=NOTICES.get(notice or ""), show_apple=offer.apple, show_google=offer.google,
         apple_url=f"{base}/apple", google_url=f"{base}/google", all_url=f"{base}/card?all=1",
         qr_svg=_qr_svg(links.link_url(svc.settings.public_url, page_token))
-        if layout == "desktop" else None,
-        may_be_ipad=platforms.may_be_ipad(request.headers.get("User-Agent")),
+        if offer.qr else None,
+        may_be_ipad=offer.layout == "desktop" and offer.qr and platforms.may_be_ipad(user_agent),
+        send_url=f"{base}/send" if send else None, send_fields={},
     )
     return _page("landing.html", _lang(customer.locale), **context)
 
@@ -331,6 +379,8 @@ def _pkpass(grant: links.LinkGrant) -> Response:
         program = _program(session, grant)
         customer = _customer(session, svc, grant, refresh=False)
         card = ensure_card(session, program, customer)
+        if not apple_configured(session, program):
+            raise PageError(404, "apple_missing")
         try:
             data = build_pkpass(session, card, svc)
         except (CardError, CertificateError, ValueError) as exc:
@@ -385,6 +435,54 @@ def signed_apple() -> Response:
 @limiter.shared_limit(LINK_LIMIT, scope="links")
 def signed_google():  # type: ignore[no-untyped-def]
     return _google(_resolve_signed(request.args))
+
+
+# -- "email me my card" -----------------------------------------------------------------
+
+def _send_card_link(grant: links.LinkGrant) -> tuple[str, int]:
+    """Queue the member's card email (cooldown permitting); the same page either way."""
+    svc = services()
+    if grant.purpose not in links.PERSONAL_PURPOSES or not card_mail.enabled(svc):
+        raise PageError(404, "not_found")  # never offered: the page has no such button
+    with svc.db.transaction(grant.tenant_id) as session:
+        program = _program(session, grant)
+        member = session.get(Customer, grant.customer_id) if grant.customer_id else None
+        if member is None and grant.external_id is not None:
+            try:  # a signed link may name someone only the CRM knows yet
+                member = crm.load_customer(session, svc, grant.tenant_id, grant.external_id)
+            except crm.CrmError as exc:
+                log.warning("CRM lookup for a link request failed (tenant %s): %s",
+                            grant.tenant_id, exc)
+        lang = _posted_lang(member.locale if member else None)
+        if member is not None:
+            card_mail.member_asked(session, svc, program, grant, member, lang=lang,
+                                   platform=_platform())
+        return _page("link_error.html", lang, 200, key="link_sent", brand=branding(svc, program))
+
+
+def _dead_or_alive(resolve: Callable[[Session], links.LinkGrant]) -> links.LinkGrant:
+    """The grant of a link that is valid, or genuine but expired, revoked or used up."""
+    with services().db.session() as session:
+        try:
+            grant = resolve(session)
+        except _DEAD as exc:
+            if exc.grant is None:
+                raise
+            grant = exc.grant
+    return grant
+
+
+@bp.post("/l/<token>/send")
+@limiter.limit(FORM_LIMIT)
+def send_link(token: str):  # type: ignore[no-untyped-def]
+    return _send_card_link(_dead_or_alive(lambda session: links.resolve_token(session, token)))
+
+
+@bp.post("/s/send")
+@limiter.limit(FORM_LIMIT)
+def signed_send_link():  # type: ignore[no-untyped-def]
+    return _send_card_link(_dead_or_alive(
+        lambda session: links.resolve_signed(session, request.form)))
 
 
 # -- forms ------------------------------------------------------------------------------
