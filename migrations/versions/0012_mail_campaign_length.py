@@ -4,8 +4,8 @@ The mail outbox copied a link's campaign into a 64-character column while links
 take 100, so a member asking for a fresh link from a page whose campaign was
 longer hit "value too long" on PostgreSQL (SQLite does not check lengths).
 
-Revision ID: 0011_i11_pages
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-02 11:15:00
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0011_i11_pages'
-down_revision: str | None = '0010'
+revision: str = '0012'
+down_revision: str | None = '0011'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

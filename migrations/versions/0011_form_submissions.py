@@ -1,6 +1,6 @@
 """form submissions: a repeated post of the same form page does not enroll twice
 
-Revision ID: 0011_i11_forms
+Revision ID: 0011
 Revises: 0010
 Create Date: 2026-12-02 11:00:00.000000
 """
@@ -12,7 +12,7 @@ from alembic import op
 
 import app.models
 
-revision: str = '0011_i11_forms'
+revision: str = '0011'
 down_revision: str | None = '0010'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
