@@ -12,7 +12,6 @@ from app import imports, updates
 from app.api.core import (
     ApiProblem,
     bp,
-    check_id,
     db,
     not_found,
     page,
@@ -212,13 +211,12 @@ def import_customers() -> Any:
     return reply(import_out(job), 202, {"Location": f"{request.path}/{job.id}"})
 
 
-@bp.get("/customers/imports/<int:job_id>")
+@bp.get("/customers/imports/<id:job_id>")
 @require("read")
 @spec.validate(resp=responses({200: ImportJobOut}, 404), tags=[TAG],
                operation_id="getCustomerImport")
 def get_import(job_id: int) -> Any:
     """An import job: status, counts and per-row errors (line numbers of the file)."""
-    check_id(job_id, "import job")
     job = db().scalar(select(ImportJob).where(ImportJob.id == job_id))
     if job is None:
         raise not_found("import job")
