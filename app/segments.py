@@ -161,9 +161,13 @@ def parse_bound(name: str, text: str) -> dt.datetime:
                 day += dt.timedelta(days=1)
             return dt.datetime.combine(day, dt.time(), dt.UTC)
         value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        # In UTC, as stored: a time near year 1 or 9999 may not exist there.
+        return (value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+                ).astimezone(dt.UTC)
     except ValueError:
         raise ValueError(f"{name} must be a date (YYYY-MM-DD) or an ISO 8601 time") from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+    except OverflowError:
+        raise ValueError(f"{name} is out of range (years 1 to 9999, in UTC)") from None
 
 
 # -- the query -------------------------------------------------------------------------------

@@ -207,3 +207,10 @@ def test_reserved_words_are_no_customers(client, services, write) -> None:  # ty
     job = client.post(f"{API}/customer-imports", data=json.dumps(
         {"external_id": "ND-9"}).encode(), content_type="application/x-ndjson", headers=write)
     assert job.status_code == 202 and job.headers["Location"].startswith(f"{API}/customer-imports/")
+
+
+def test_times_that_do_not_exist_in_utc_are_refused(client, write) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(f"{API}/programs/rewards/links",
+                           json={"purpose": "enroll", "expires_at": "9999-12-31T23:30:00-01:00"},
+                           headers=write)
+    assert is_problem(response, 422), response.status_code

@@ -161,3 +161,13 @@ def test_points_ranges_are_bounded(app, client, services, demo, signed_in_everyw
         assert page.status_code == 400
         count = admin.get(f"/admin/segments/count?program=rewards&{name}={points}")
         assert count.status_code == 400
+
+
+@pytest.mark.parametrize("bound", ["created_to=9999-12-31", "installed_to=9999-12-31",
+                                   "created_from=9999-12-31T23:59:59-01:00",
+                                   "created_to=0001-01-01T00:00:00%2B01:00"])
+def test_date_bounds_at_the_edge_of_the_calendar(client, services, demo, bound) -> None:  # type: ignore[no-untyped-def]
+    """A bound that does not exist in UTC (a day after 9999-12-31) is a 422, not a 500."""
+    headers = auth(make_key(services, demo["tenant_id"], "read", "dates"))
+    response = client.get(f"/api/v1/programs/rewards/segment?{bound}", headers=headers)
+    assert is_problem(response, 422), response.status_code

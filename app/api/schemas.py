@@ -63,7 +63,13 @@ def _iso_date(value: Any) -> dt.date:
 def _iso_datetime(value: Any) -> dt.datetime:
     if not isinstance(value, str) or not _DATETIME.fullmatch(value):
         raise ValueError("must be an ISO 8601 time as text, e.g. 2026-05-01T12:00:00Z")
-    return dt.datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+    parsed = dt.datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+    if parsed.tzinfo is None:
+        return parsed  # the domain says whether a naive time will do
+    try:
+        return parsed.astimezone(dt.UTC)  # as stored; near year 1 or 9999 it may not exist
+    except OverflowError:
+        raise ValueError("is out of range (years 1 to 9999, in UTC)") from None
 
 
 def _query_int(value: Any) -> Any:
