@@ -345,8 +345,8 @@ def test_every_command_runs_its_minimal_invocation(runner, demo, tmp_path, monke
     crashed = []
     ran = 0
     for path, command in _commands(main):
-        if path[0] in LONG_RUNNING:
-            continue
+        if path[0] in LONG_RUNNING or not command.callback.__module__.startswith("app."):
+            continue  # servers; Flask's and its extensions' own commands (routes, limiter)
         result = runner.invoke(main, [*path, *_minimal_arguments(path, command, tmp_path)])
         ran += 1
         if result.exception is not None and not isinstance(result.exception, SystemExit):
