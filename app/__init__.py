@@ -22,8 +22,9 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.extensions["passerelle"] = services
 
     from app.cli import register_commands
-    from app.web import csrf, demo, errors, google, health, limits, links, ops, passkit
+    from app.web import converters, csrf, demo, errors, google, health, limits, links, ops, passkit
 
+    converters.register(app)  # before any route: `<id:...>` is how routes take row ids
     register_commands(app)
 
     logs.init_app(app)  # request ids and access lines (before errors, so errors carry them)

@@ -28,10 +28,32 @@ from app import (
     updates,
 )
 from app import demo as demo_data
+from app.bounds import ROW_ID_MAX, ROW_ID_MIN, column_max
 from app.customers import ImportFileError, import_csv
-from app.models import Customer, Program, Tenant, utcnow
+from app.models import CrmConnection, Customer, Program, Tenant, utcnow
 from app.passes.template import TemplateError
 from app.services import Services
+
+#: Row ids on the command line: the id columns' range, refused by Click before any query.
+ROW_ID = click.IntRange(ROW_ID_MIN, ROW_ID_MAX)
+#: Row counts (--limit): more rows than ids cannot exist.
+ROWS = click.IntRange(1, ROW_ID_MAX)
+#: Link lifetimes in days: a century, well inside what a date can hold.
+DAYS = click.IntRange(1, 36_500)
+
+
+def _finite(value: float | None) -> float | None:
+    """Click's FloatRange lets NaN through (every comparison with it is false)."""
+    if value is not None and value != value:
+        raise click.BadParameter("must be a number")
+    return value
+
+
+def scalar_defaults(model: type) -> dict[str, object]:
+    """A model's plain column defaults (not callables), which SQLAlchemy only applies at
+    INSERT: a new row read before its flush would show None instead."""
+    return {column.key: column.default.arg for column in model.__table__.columns  # type: ignore[attr-defined]
+            if column.default is not None and column.default.is_scalar}
 
 
 def _create_app():  # type: ignore[no-untyped-def]
@@ -214,7 +236,7 @@ def demo_command() -> None:
 
 @main.command("up")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65_535))
 @with_appcontext
 def up(host: str, port: int) -> None:
     """Migrate, make dev certificates if none, seed the demo and serve."""
@@ -234,7 +256,7 @@ def up(host: str, port: int) -> None:
 
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65_535))
 @click.option("--threads", default=8, show_default=True, type=int)
 @with_appcontext
 def serve_command(host: str, port: int, threads: int) -> None:
@@ -373,10 +395,10 @@ def _link_options(func):  # type: ignore[no-untyped-def]
         click.option("--tenant", "tenant_slug", help="Tenant slug (needed if several have "
                                                      "the program)."),
         click.option("--campaign", default=None, help="Label for revoking and statistics."),
-        click.option("--expires-in-days", type=click.IntRange(min=1), default=None),
+        click.option("--expires-in-days", type=DAYS, default=None),
         click.option("--expires", type=click.DateTime(["%Y-%m-%d"]), default=None,
                      help="Last valid day (UTC)."),
-        click.option("--max-uses", type=click.IntRange(min=1), default=None,
+        click.option("--max-uses", type=click.IntRange(1, 1_000_000), default=None,
                      help="Uses before the link stops working (default: unlimited)."),
     ]):
         func = option(func)
@@ -548,7 +570,9 @@ def crm_group() -> None:
               help="NAME of the environment variable holding that header's value.")
 @click.option("--mapping-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="JSON object: customer field -> dotted path in the CRM record.")
-@click.option("--max-staleness-hours", type=click.FloatRange(min=0), default=None,
+@click.option("--max-staleness-hours", type=click.FloatRange(
+                  0, column_max(CrmConnection.__table__.c.max_staleness_seconds) // 3600),
+              default=None, callback=lambda _ctx, _param, value: _finite(value),
               help="Serve the local copy this long when the CRM is down (default 24).")
 @click.option("--timeout-seconds", type=click.IntRange(1, 60), default=None,
               help="Per-request timeout (default 5).")
@@ -561,7 +585,6 @@ def crm_configure(tenant_slug: str, kind: str, base_url: str | None, auth_header
     import os
 
     from app.crm.http import Mapping
-    from app.models import CrmConnection
 
     _ensure_migrated()
     mapping = None
@@ -575,7 +598,8 @@ def crm_configure(tenant_slug: str, kind: str, base_url: str | None, auth_header
         tenant = _tenant(session, tenant_slug)
         row = session.scalar(select(CrmConnection).where(CrmConnection.tenant_id == tenant.id))
         if row is None:
-            row = CrmConnection(tenant_id=tenant.id, mapping={})
+            # The columns' defaults now, not at INSERT: the summary below reads them.
+            row = CrmConnection(tenant_id=tenant.id, mapping={}, **scalar_defaults(CrmConnection))
             session.add(row)
         row.kind = kind
         for name, value in (("base_url", base_url), ("auth_header", auth_header),
@@ -825,7 +849,7 @@ def webhooks_list(tenant_slug: str | None) -> None:
 @webhooks_group.command("deliveries")
 @click.option("--tenant", "tenant_slug", required=True)
 @click.option("--failed", is_flag=True, help="Only given-up, cancelled or failing deliveries.")
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=50, show_default=True, type=ROWS)
 @with_appcontext
 def webhooks_deliveries(tenant_slug: str, failed: bool, limit: int) -> None:
     """The delivery log, newest first, with each attempt's HTTP status."""
@@ -854,7 +878,7 @@ def webhooks_deliveries(tenant_slug: str, failed: bool, limit: int) -> None:
 
 
 @webhooks_group.command("redeliver")
-@click.argument("delivery_id", type=int)
+@click.argument("delivery_id", type=ROW_ID)
 @with_appcontext
 def webhooks_redeliver(delivery_id: int) -> None:
     """Send a delivery's event again (same event id and body) as a new delivery."""
@@ -887,7 +911,7 @@ def _set_subscription_active(subscription_id: int, active: bool) -> None:
 
 
 @webhooks_group.command("disable")
-@click.argument("subscription_id", type=int)
+@click.argument("subscription_id", type=ROW_ID)
 @with_appcontext
 def webhooks_disable(subscription_id: int) -> None:
     """Stop sending to a subscription (pending deliveries are cancelled)."""
@@ -895,7 +919,7 @@ def webhooks_disable(subscription_id: int) -> None:
 
 
 @webhooks_group.command("enable")
-@click.argument("subscription_id", type=int)
+@click.argument("subscription_id", type=ROW_ID)
 @with_appcontext
 def webhooks_enable(subscription_id: int) -> None:
     """Send to a subscription again (e.g. after a 410 disabled it)."""
@@ -957,7 +981,7 @@ def hooks_create(tenant_slug: str, slug: str, auth: str, header_name: str | None
 @hooks_group.command("events")
 @click.option("--tenant", "tenant_slug", required=True)
 @click.option("--status", type=click.Choice(["applied", "ignored", "failed"]), default=None)
-@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--limit", default=50, show_default=True, type=ROWS)
 @with_appcontext
 def hooks_events(tenant_slug: str, status: str | None, limit: int) -> None:
     """Received events, newest first, with why they failed or were ignored."""
@@ -1150,8 +1174,8 @@ def segments_count(tenant_slug: str, program_slug: str, as_json: bool, **options
 @click.option("--link-purpose", type=click.Choice(["download", "enrich", "consent"]),
               default="download", show_default=True)
 @click.option("--link-campaign", default=None, help="Campaign of the links issued.")
-@click.option("--link-expires-in-days", type=click.IntRange(min=1), default=None)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows.")
+@click.option("--link-expires-in-days", type=DAYS, default=None)
+@click.option("--limit", type=ROWS, default=None, help="At most this many rows.")
 @with_appcontext
 def segments_export(tenant_slug: str, program_slug: str, out_path: str, link_purpose: str,
                     link_campaign: str | None, link_expires_in_days: int | None,

@@ -9,7 +9,7 @@ and from the API.
 
 Bulk imports are ``ImportJob`` rows: the upload is saved under the instance
 folder, the job is queued on Huey (``app/jobs.py``), and the worker writes the
-counts and per-row errors back to the row, where ``GET /customers/imports/{id}``
+counts and per-row errors back to the row, where ``GET /customer-imports/{id}``
 reads them. Every batch commits on its own, so good rows are kept whatever
 happens to the others, and a job re-run after a crash only re-applies
 idempotent upserts.
@@ -215,6 +215,33 @@ def parse_ndjson_record(record: object) -> tuple[str, CustomerChanges]:
             raise CustomerDataError(f"unknown field {name!r} (free values go under "
                                     f"\"attributes\")")
     return external_id.strip(), changes
+
+
+def check_ndjson(data: bytes) -> None:
+    """An NDJSON upload's shape, checked before it is accepted: UTF-8, and every non-blank
+    line one JSON object (not null, a list or a bare value). What each object says is
+    the job's to check, row by row."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ImportFileError(f"the file is not valid UTF-8 (byte {exc.start})") from None
+    records, bad = 0, []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            value = None
+        if isinstance(value, dict):
+            records += 1
+        else:
+            bad.append(number)
+    if bad:
+        shown = ", ".join(str(n) for n in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise ImportFileError(f"every line must be one JSON object; not so on line(s) {shown}")
+    if not records:
+        raise ImportFileError("the file holds no records")
 
 
 @dataclass

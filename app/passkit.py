@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
-from app import cards, install_state, updates
+from app import bounds, cards, install_state, updates
 from app.models import Card, DeviceLog, Program, Registration, utcnow
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 PASS_TYPE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 SERIAL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 PUSH_TOKEN = re.compile(r"^[A-Za-z0-9]{1,200}$")
-TAG = re.compile(r"^[0-9]{1,19}$")
 MAX_LOG_MESSAGES = 100
 MAX_LOG_LENGTH = 4000
 _DUMMY_TOKEN = "x" * 43
@@ -116,6 +115,17 @@ def unregister(session: Session, card: Card, device: str) -> None:
     session.commit()
 
 
+def parse_tag(since: str | None) -> int | None:
+    """``passesUpdatedSince``: absent or empty (None), else a tag the update_tag column can
+    hold; anything else was not given out here (400, before any query)."""
+    if since is None or since == "":
+        return None
+    tag = bounds.parse_int(since, 0, bounds.UPDATE_TAG_MAX)
+    if tag is None:
+        raise BadRequest("passesUpdatedSince must be a tag this server returned")
+    return tag
+
+
 @dataclass(frozen=True)
 class UpdatedSerials:
     serial_numbers: list[str]
@@ -125,14 +135,13 @@ class UpdatedSerials:
 def serials_since(session: Session, device: str, pass_type: str,
                   since: str | None) -> UpdatedSerials | None:
     """Serials of this device's passes changed after the tag; None means 204."""
-    if since is not None and since != "" and not TAG.match(since):
-        raise BadRequest("passesUpdatedSince must be a tag this server returned")
+    tag = parse_tag(since)
     query = (select(Card.serial_number, Card.update_tag)
              .join(Registration, Registration.card_id == Card.id)
              .where(Registration.device_library_identifier == device,
                     Registration.pass_type_identifier == pass_type))
-    if since:
-        query = query.where(Card.update_tag > int(since))
+    if tag is not None:
+        query = query.where(Card.update_tag > tag)
     rows = session.execute(query.order_by(Card.update_tag)).all()
     if not rows:
         return None

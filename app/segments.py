@@ -32,6 +32,7 @@ import csv
 import datetime as dt
 import io
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, TextIO
@@ -53,6 +54,7 @@ from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
 from sqlalchemy.orm import Session, load_only
 
 from app import install_state
+from app.imports import MAX_ATTRIBUTE_NUMBER
 from app.models import CardInstallState, CurrentConsent, Customer, LinkToken, Program
 
 if TYPE_CHECKING:
@@ -63,6 +65,8 @@ STATES = ("never-downloaded", "downloaded-not-installed", "installed-apple", "in
 DEFAULT_CONSENT = "marketing_email"
 CHUNK = 1000
 MAX_PAGE = 1000
+#: Points are attributes: numbers beyond what an attribute may hold match nobody.
+MAX_POINTS = MAX_ATTRIBUTE_NUMBER
 EXPORT_HEADER = ("external_id", "email", "first_name", "last_name", "locale", "tier", "points",
                  "wallet_apple_installed", "wallet_google_installed", "url")
 
@@ -97,6 +101,11 @@ class Segment:
             value = getattr(self, name)
             if value is not None and value.tzinfo is None:
                 raise ValueError(f"{name} must be an aware datetime")
+        for name in ("points_min", "points_max"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not math.isfinite(value)
+                                      or abs(value) > MAX_POINTS):
+                raise ValueError(f"{name} must be a number from {-MAX_POINTS} to {MAX_POINTS}")
         if (self.points_min is not None and self.points_max is not None
                 and self.points_min > self.points_max):
             raise ValueError("points_min is greater than points_max")
@@ -138,6 +147,8 @@ def _number(name: str, text: str) -> float:
         value = float(text)
     except ValueError:
         raise ValueError(f"{name} must be a number") from None
+    if not math.isfinite(value) or abs(value) > MAX_POINTS:
+        raise ValueError(f"{name} must be a number from {-MAX_POINTS} to {MAX_POINTS}")
     return int(value) if value.is_integer() else value
 
 
@@ -150,9 +161,13 @@ def parse_bound(name: str, text: str) -> dt.datetime:
                 day += dt.timedelta(days=1)
             return dt.datetime.combine(day, dt.time(), dt.UTC)
         value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        # In UTC, as stored: a time near year 1 or 9999 may not exist there.
+        return (value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+                ).astimezone(dt.UTC)
     except ValueError:
         raise ValueError(f"{name} must be a date (YYYY-MM-DD) or an ISO 8601 time") from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+    except OverflowError:
+        raise ValueError(f"{name} is out of range (years 1 to 9999, in UTC)") from None
 
 
 # -- the query -------------------------------------------------------------------------------

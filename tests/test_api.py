@@ -259,7 +259,7 @@ def test_csv_import_job_reports_per_row_errors(client, services, keys):  # type:
                 b"IMP-2,not-an-email,20\n"
                 b"C-1001,,555\n"
                 b",nobody@example.com,1\n")
-    response = client.post(f"{API}/customers/imports", data=csv_body,
+    response = client.post(f"{API}/customer-imports", data=csv_body,
                            content_type="text/csv", headers=auth(keys["write"]))
     assert response.status_code == 202, response.get_json()
     job = client.get(response.headers["Location"], headers=auth(keys["read"])).get_json()
@@ -275,40 +275,43 @@ def test_ndjson_import_job_and_bad_uploads(client, services, keys):  # type: ign
     services.jobs.huey.immediate = True
     lines = [json.dumps({"external_id": "ND-1", "first_name": "Nd",
                          "attributes": {"points": 3}, "consents": {"sms": False}}),
-             "{broken",
+             "",
              json.dumps({"external_id": "ND-2", "colour": "red"}),
              json.dumps({"external_id": "C-1002", "attributes": {"points": 1}})]
     write = auth(keys["write"])
-    response = client.post(f"{API}/customers/imports", data="\n".join(lines).encode(),
+    response = client.post(f"{API}/customer-imports", data="\n".join(lines).encode(),
                            content_type="application/x-ndjson", headers=write)
     assert response.status_code == 202
-    job = client.get(f"{API}/customers/imports/{response.get_json()['id']}",
+    job = client.get(f"{API}/customer-imports/{response.get_json()['id']}",
                      headers=write).get_json()
     assert job["status"] == "done"
-    assert (job["created"], job["updated"], job["total_rows"]) == (1, 1, 4)
-    assert [e["line"] for e in job["errors"]] == [2, 3]
+    assert (job["created"], job["updated"], job["total_rows"]) == (1, 1, 3)
+    assert [e["line"] for e in job["errors"]] == [3]  # line numbers of the file, blanks too
     nd = client.get(f"{API}/customers/ND-1", headers=write).get_json()
     assert nd["attributes"] == {"points": 3} and nd["consents"]["sms"]["source"] == "import"
-    assert is_problem(client.post(f"{API}/customers/imports", data=b"x",
+    broken = client.post(f"{API}/customer-imports", data=b'{"external_id": "ND-3"}\n{broken\n',
+                         content_type="application/x-ndjson", headers=write)
+    assert is_problem(broken, 422) and "line(s) 2" in broken.get_json()["detail"]
+    assert is_problem(client.post(f"{API}/customer-imports", data=b"x",
                                   content_type="application/pdf", headers=write), 415)
-    assert is_problem(client.post(f"{API}/customers/imports", data=b"",
+    assert is_problem(client.post(f"{API}/customer-imports", data=b"",
                                   content_type="text/csv", headers=write), 422)
-    failed = client.post(f"{API}/customers/imports", data=b"name\nx\n",
+    failed = client.post(f"{API}/customer-imports", data=b"name\nx\n",
                          content_type="text/csv", headers=write)
     job = client.get(failed.headers["Location"], headers=write).get_json()
     assert job["status"] == "failed" and "external_id" in job["errors"][0]["message"]
     assert "/" not in job["errors"][0]["message"].split(":")[0]  # no server path leaks
-    assert is_problem(client.get(f"{API}/customers/imports/999999", headers=write), 404)
+    assert is_problem(client.get(f"{API}/customer-imports/999999", headers=write), 404)
 
 
 def test_import_bodies_may_be_large_but_not_unbounded(client, services, keys):  # type: ignore[no-untyped-def]
     write = auth(keys["write"])
     two_mib = b"external_id,note\n" + b"X-1," + b"a" * (2 * 1024 * 1024) + b"\n"
     services.jobs.huey.immediate = True
-    assert client.post(f"{API}/customers/imports", data=two_mib, content_type="text/csv",
+    assert client.post(f"{API}/customer-imports", data=two_mib, content_type="text/csv",
                        headers=write).status_code == 202
     huge = b"a" * (21 * 1024 * 1024)
-    assert is_problem(client.post(f"{API}/customers/imports", data=huge,
+    assert is_problem(client.post(f"{API}/customer-imports", data=huge,
                                   content_type="text/csv", headers=write), 413)
 
 

@@ -126,7 +126,7 @@ def test_tenant_b_key_sees_its_own_rows(client, services, demo):  # type: ignore
     assert client.get(f"{API}/programs/{other.program_slug}", headers=headers).status_code == 200
     assert client.get(f"{API}/customers/{other.external_id}", headers=headers).status_code == 200
     assert client.get(f"{API}/cards/{other.serial}", headers=headers).status_code == 200
-    assert client.get(f"{API}/customers/imports/{other.import_job_id}",
+    assert client.get(f"{API}/customer-imports/{other.import_job_id}",
                       headers=headers).status_code == 200
     listed = client.get(f"{API}/customers", headers=headers).get_json()
     assert [c["external_id"] for c in listed["items"]] == [other.external_id]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
+import pytest
 from sqlalchemy import func, select
 
 from app.cli import main
@@ -242,3 +244,114 @@ def test_import_runs_the_update_pipeline(runner, services, demo, tmp_path) -> No
         assert (job.card_id, job.update_tag) == (card_id, card.update_tag)
         assert session.scalar(select(Customer.attributes).where(
             Customer.external_id == "C-1002"))["points"] == "many"
+
+
+# -- first use of every command --------------------------------------------------------------
+
+MAPPING = {"external_id": "id", "email": "contact.email", "attributes.points": "loyalty.points"}
+
+
+def test_crm_configure_first_use_without_optional_options(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """docs/crm.md marks --max-staleness-hours and --timeout-seconds optional: the first
+    configure without them crashed (the defaults were not there before INSERT) and saved
+    nothing."""
+    import json
+
+    from app.models import CrmConnection
+
+    mapping = _write(tmp_path / "mapping.json", json.dumps(MAPPING))
+    result = runner.invoke(main, ["crm", "configure", "--tenant", "demo", "--kind", "http",
+                                  "--base-url", "https://crm.example.com/api",
+                                  "--auth-header", "Authorization", "--auth-env", "CRM_TOKEN",
+                                  "--mapping-file", str(mapping)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code == 0, result.output
+    assert "copies served up to 24 h" in result.output
+    with services.db.session() as session:
+        row = session.scalar(select(CrmConnection))
+        assert row is not None and row.kind == "http"
+        assert (row.max_staleness_seconds, row.timeout_seconds) == (86400, 5)
+        assert row.base_url == "https://crm.example.com/api"
+
+
+@pytest.mark.parametrize("hours", ["inf", "nan", "1e12", "-1"])
+def test_crm_staleness_is_bounded_by_its_column(runner, demo, hours) -> None:  # type: ignore[no-untyped-def]
+    result = runner.invoke(main, ["crm", "configure", "--tenant", "demo", "--kind", "builtin",
+                                  "--max-staleness-hours", hours])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+
+
+@pytest.mark.parametrize("command", [["webhooks", "redeliver"], ["webhooks", "enable"],
+                                     ["webhooks", "disable"]])
+@pytest.mark.parametrize("value", [str(2**31), str(2**63), "1" + "0" * 30, "0", "-1"])
+def test_row_ids_on_the_command_line_are_bounded(runner, demo, command, value) -> None:  # type: ignore[no-untyped-def]
+    result = runner.invoke(main, [*command, "--", value])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+
+
+#: Commands that run until stopped (servers, the worker, Flask's shell).
+LONG_RUNNING = {"serve", "up", "worker", "run", "shell"}
+#: Beyond the required options, what the docs give as the least a command needs to work.
+DOCUMENTED = {
+    ("crm", "configure"): ["--base-url", "https://crm.example.com/api", "--auth-header",
+                           "Authorization", "--auth-env", "CRM_TOKEN", "--mapping-file", "{mapping}"],
+    ("links", "issue"): ["--customer", "C-1001"],
+    ("links", "revoke"): ["--program", "rewards"],
+}
+#: Minimal invocations that rightly end in a one-line error here (the named thing is absent).
+REFUSED = {("admins", "disable"): "the tenant's last admin", ("apikeys", "revoke"): "no such key",
+           ("cards", "timeline"): "no such card", ("certs", "register"): "no such file",
+           ("google", "check"): "Google is not configured", ("webhooks", "redeliver"): "no delivery"}
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def _minimal_arguments(path: tuple[str, ...], command: click.Command, tmp_path: Path) -> list[str]:
+    """The documented minimal invocation: required options and arguments only."""
+    csv_file = _write(tmp_path / "customers.csv", "external_id;first_name\nMIN-1;Min\n")
+    values = {"tenant_slug": "demo", "program_slug": "rewards", "email": "min@a.example",
+              "scope": "read", "key": "pk_unknown", "out_dir": str(tmp_path / "out"),
+              "serial": "NoSuchSerial", "certificate": "missing.pem", "file": str(csv_file),
+              "issuer_id": "3388000000012345678", "service_account": "missing.json",
+              "slug": "min-thing", "purpose": "download", "out_path": str(tmp_path / "x.csv"),
+              "external_id": "C-1001", "expires_in_days": "7", "name": "Minimal",
+              "template": "loyalty", "pass_type_identifier": "pass.dev.passerelle.demo",
+              "url": "https://hooks.example.invalid/x", "events": "card.installed",
+              "subscription_id": "1", "delivery_id": "1"}
+    arguments: list[str] = []
+    for param in command.params:
+        if not param.required:
+            continue
+        assert param.name in values, f"{' '.join(path)}: give a value for {param.name}"
+        value = values[param.name]  # type: ignore[index]
+        if isinstance(param, click.Option):
+            arguments += [param.opts[0], value]
+        else:
+            arguments.append(value)
+    mapping = _write(tmp_path / "mapping.json", '{"external_id": "id"}')
+    return arguments + [a.format(mapping=mapping) for a in DOCUMENTED.get(path, [])]
+
+
+def test_every_command_runs_its_minimal_invocation(runner, demo, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Options left out take their defaults without a crash: each command does its work
+    (or, where REFUSED says so, names in one line what is absent), never a traceback."""
+    monkeypatch.setenv("PASSERELLE_ADMIN_PASSWORD", "a long enough password")
+    crashed = []
+    ran = 0
+    for path, command in _commands(main):
+        if path[0] in LONG_RUNNING or not command.callback.__module__.startswith("app."):
+            continue  # servers; Flask's and its extensions' own commands (routes, limiter)
+        result = runner.invoke(main, [*path, *_minimal_arguments(path, command, tmp_path)])
+        ran += 1
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            crashed.append(f"{' '.join(path)}: {result.exception!r}")
+        elif (result.exit_code != 0) != (path in REFUSED):
+            crashed.append(f"{' '.join(path)}: exit {result.exit_code}: {result.output[-200:]}")
+    assert ran >= 35
+    assert not crashed, "\n".join(crashed)

@@ -18,7 +18,7 @@ CSV = b"external_id,email,points\nSW-1,sw1@example.com,10\nSW-2,sw2@example.com,
 
 def _upload(client, services, demo) -> int:  # type: ignore[no-untyped-def]
     write = auth(make_key(services, demo["tenant_id"], "write"))
-    response = client.post(f"{API}/customers/imports", data=CSV, content_type="text/csv",
+    response = client.post(f"{API}/customer-imports", data=CSV, content_type="text/csv",
                            headers=write)
     assert response.status_code == 202, response.get_json()
     return int(response.get_json()["id"])
@@ -103,7 +103,7 @@ def test_a_file_that_kills_the_worker_every_time_ends_failed(client, services, d
     assert job.status == "failed" and job.finished_at is not None
     assert f"stopped {imports.MAX_ATTEMPTS} times" in job.errors[-1]["message"]
     assert not path.exists()
-    body = client.get(f"{API}/customers/imports/{job_id}",
+    body = client.get(f"{API}/customer-imports/{job_id}",
                       headers=auth(make_key(services, demo["tenant_id"], "read"))).get_json()
     assert body["status"] == "failed" and body["attempts"] == imports.MAX_ATTEMPTS
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 from flask import Flask, current_app, jsonify, request
@@ -100,6 +101,21 @@ def _media_overrides(operation: dict[str, Any]) -> None:
             "image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}}
 
 
+def _path_argument_schemas(app: Flask) -> dict[str, dict[str, dict[str, Any]]]:
+    """OpenAPI path -> argument -> schema, for arguments whose converter describes itself
+    (row ids: their bounds come from the id columns, see ``app/web/converters.py``)."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
+    for rule in app.url_map.iter_rules():
+        if not rule.endpoint.startswith("api."):
+            continue
+        path = re.sub(r"<(?:[^<>]*:)?([A-Za-z_][A-Za-z0-9_]*)>", r"{\1}", rule.rule)
+        for name, converter in rule._converters.items():  # noqa: SLF001 - werkzeug's own map
+            describe = getattr(converter, "json_schema", None)
+            if describe is not None:
+                found.setdefault(path, {})[name] = describe()
+    return found
+
+
 def openapi_document(app: Flask) -> dict[str, Any]:
     """spectree's document, with problem media types, file bodies and each operation's
     required scope. Built once per application."""
@@ -107,13 +123,17 @@ def openapi_document(app: Flask) -> dict[str, Any]:
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     document = copy.deepcopy(spec.spec)
+    arguments = _path_argument_schemas(app)
     scopes: dict[str, str] = {}
     for endpoint, view in app.view_functions.items():
         metadata = spec.get_function_metadata(view) if endpoint.startswith("api.") else None
         if metadata is not None and metadata.operation_id:
             scopes[metadata.operation_id] = getattr(view, "api_scope", "read")
-    for operations in document.get("paths", {}).values():
+    for path, operations in document.get("paths", {}).items():
         for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter["name"] in arguments.get(path, {}):
+                    parameter["schema"] = arguments[path][parameter["name"]]
             for code, answer in operation.get("responses", {}).items():
                 content = answer.get("content", {})
                 if int(code) >= 400 and "application/json" in content:

@@ -11,7 +11,6 @@ from app import apikeys
 from app.api.core import (
     ApiProblem,
     bp,
-    check_id,
     db,
     key,
     not_found,
@@ -107,12 +106,11 @@ def create_key() -> Any:
     return reply(key_out(row, KeyCreated, key=raw), 201)
 
 
-@bp.delete("/keys/<int:key_id>")
+@bp.delete("/keys/<id:key_id>")
 @require("admin")
 @spec.validate(resp=responses({204: None}, 403, 404), tags=[TAG], operation_id="revokeKey")
 def revoke_key(key_id: int) -> Any:
     """Revoke a key at once (kept, revoked, for the audit trail). A key may revoke itself."""
-    check_id(key_id, "API key")
     session = db()
     row = session.scalar(select(ApiKey).where(ApiKey.id == key_id))
     if row is None:

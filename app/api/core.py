@@ -23,15 +23,13 @@ from spectree.plugins.flask_plugin import FlaskPlugin
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
-from app import apikeys, audit
+from app import apikeys, audit, bounds
 from app.api.schemas import Problem
 
 API_PREFIX = "/api/v1"
 #: Request bodies: imports may be large files; everything else is small JSON.
 MAX_BODY = 1024 * 1024
 MAX_IMPORT_BODY = 20 * 1024 * 1024
-#: Largest id a path or cursor may name (PostgreSQL BIGINT; SQLite refuses more).
-MAX_ID = 2**63 - 1
 DEFAULT_RATE_LIMIT = "600 per minute"
 
 bp = Blueprint("api", __name__, url_prefix=API_PREFIX)
@@ -134,13 +132,6 @@ def problem_response(status: int, title: str, detail: str | None = None,
 
 def not_found(what: str) -> ApiProblem:
     return ApiProblem(404, "Not Found", f"no {what} with that identifier")
-
-
-def check_id(value: int, what: str) -> int:
-    """Ids outside what the database can hold cannot exist: 404, not a driver error."""
-    if not 0 < value <= MAX_ID:
-        raise not_found(what)
-    return value
 
 
 # -- authentication and sessions --------------------------------------------------------
@@ -292,7 +283,7 @@ def decode_cursor(cursor: str) -> int:
     try:
         data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         after = data["after"]
-        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= MAX_ID:
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= bounds.ROW_ID_MAX:
             raise ValueError
         return after
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):

@@ -12,7 +12,6 @@ from app import imports, updates
 from app.api.core import (
     ApiProblem,
     bp,
-    check_id,
     db,
     not_found,
     page,
@@ -40,7 +39,7 @@ from app.api.schemas import (
     PageQuery,
     RowError,
 )
-from app.customers import STANDARD_FIELDS, CustomerDataError, clean_standard
+from app.customers import STANDARD_FIELDS, CustomerDataError, ImportFileError, clean_standard
 from app.models import Card, Customer, ImportJob
 
 TAG = "customers"
@@ -187,7 +186,7 @@ def import_out(job: ImportJob) -> ImportJobOut:
                         attempts=job.attempts)
 
 
-@bp.post("/customers/imports")
+@bp.post("/customer-imports")
 @require("write")
 @spec.validate(query=ImportQuery, resp=responses({202: ImportJobOut}, 403, 413, 415, 422),
                tags=[TAG], operation_id="importCustomers")
@@ -202,6 +201,11 @@ def import_customers() -> Any:
     data = request.get_data(cache=False)
     if not data.strip():
         raise ApiProblem(422, "Unprocessable Content", "the file is empty")
+    if fmt == "ndjson":
+        try:
+            imports.check_ndjson(data)
+        except ImportFileError as exc:
+            raise ApiProblem(422, "Unprocessable Content", str(exc)) from None
     session = db()
     svc = services()
     job = imports.create_job(session, svc, tenant_id(), fmt, data)
@@ -211,13 +215,12 @@ def import_customers() -> Any:
     return reply(import_out(job), 202, {"Location": f"{request.path}/{job.id}"})
 
 
-@bp.get("/customers/imports/<int:job_id>")
+@bp.get("/customer-imports/<id:job_id>")
 @require("read")
 @spec.validate(resp=responses({200: ImportJobOut}, 404), tags=[TAG],
                operation_id="getCustomerImport")
 def get_import(job_id: int) -> Any:
     """An import job: status, counts and per-row errors (line numbers of the file)."""
-    check_id(job_id, "import job")
     job = db().scalar(select(ImportJob).where(ImportJob.id == job_id))
     if job is None:
         raise not_found("import job")

@@ -120,8 +120,9 @@ def issue_links(slug: str) -> Any:
 
 def _segment(program: Program, params: SegmentFilter) -> Segment:
     raw = {name: getattr(params, name) for name in _FILTERS}
-    text = {name: ("true" if value is True else "" if value in (None, False) else str(value))
-            for name, value in raw.items()}
+    # Identity, not equality: 0 == False, and points_min=0 is a filter, not an absent one.
+    text = {name: ("true" if value is True else "" if value is None or value is False
+                   else str(value)) for name, value in raw.items()}
     try:
         return Segment.from_params(program.id, text)
     except ValueError as exc:

@@ -7,9 +7,19 @@ NUL, and nothing a card shows needs them), bounded lengths and numbers.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 # One line of printable text.
 LINE = r"^[^\x00-\x1f\x7f]*$"
@@ -29,10 +39,83 @@ AttributeValue = StrictBool | AttributeNumber | AttributeFloat | AttributeText
 Scope = Literal["read", "write", "admin"]
 
 
-class Strict(BaseModel):
-    """Request bodies: unknown keys are an error, not silently dropped."""
+# -- strict request values -----------------------------------------------------------------
+#
+# A request field takes its own type and nothing that would convert to it: no 0 for a
+# date (1970-01-01), no false for a number, no "1" for an integer. JSON bodies validate in
+# pydantic's strict mode; dates are ISO text only (strict mode would refuse text, lax
+# mode takes numbers and numeric strings); query strings, which are text by nature, go
+# through parsers that accept one spelling per value.
 
-    model_config = ConfigDict(extra="forbid")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_DATETIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,6})?)?"
+                       r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})?")
+_QUERY_INT = re.compile(r"-?[0-9]{1,19}")
+_QUERY_NUMBER = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,20})?(?:[eE][+-]?[0-9]{1,3})?")
+
+
+def _iso_date(value: Any) -> dt.date:
+    if not isinstance(value, str) or not _DATE.fullmatch(value):
+        raise ValueError("must be a date as text, YYYY-MM-DD")
+    return dt.date.fromisoformat(value)  # ValueError for 2026-02-30
+
+
+def _iso_datetime(value: Any) -> dt.datetime:
+    if not isinstance(value, str) or not _DATETIME.fullmatch(value):
+        raise ValueError("must be an ISO 8601 time as text, e.g. 2026-05-01T12:00:00Z")
+    parsed = dt.datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+    if parsed.tzinfo is None:
+        return parsed  # the domain says whether a naive time will do
+    try:
+        return parsed.astimezone(dt.UTC)  # as stored; near year 1 or 9999 it may not exist
+    except OverflowError:
+        raise ValueError("is out of range (years 1 to 9999, in UTC)") from None
+
+
+def _query_int(value: Any) -> Any:
+    if isinstance(value, str):
+        if not _QUERY_INT.fullmatch(value):
+            raise ValueError("must be a whole number in decimal digits")
+        return int(value)
+    return value
+
+
+def _query_number(value: Any) -> Any:
+    if isinstance(value, str):
+        if not _QUERY_NUMBER.fullmatch(value):
+            raise ValueError("must be a decimal number")
+        return float(value)
+    return value
+
+
+def _query_bool(value: Any) -> Any:
+    if isinstance(value, str):
+        if value not in ("true", "false"):
+            raise ValueError("must be true or false")
+        return value == "true"
+    return value
+
+
+IsoDate = Annotated[dt.date, PlainValidator(_iso_date, json_schema_input_type=str),
+                    WithJsonSchema({"type": "string", "format": "date"})]
+IsoDateTime = Annotated[dt.datetime, PlainValidator(_iso_datetime, json_schema_input_type=str),
+                        WithJsonSchema({"type": "string", "format": "date-time"})]
+QueryInt = Annotated[int, BeforeValidator(_query_int)]
+QueryNumber = Annotated[float, BeforeValidator(_query_number)]
+QueryBool = Annotated[bool, BeforeValidator(_query_bool)]
+
+
+class Strict(BaseModel):
+    """Request bodies: unknown keys are an error, not silently dropped, and every value
+    has its field's JSON type (no conversions)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Query(BaseModel):
+    """Query strings: every value is text, parsed by the field's one spelling."""
+
+    model_config = ConfigDict(strict=True)
 
 
 # -- problems and pages ---------------------------------------------------------------
@@ -53,8 +136,8 @@ class Problem(BaseModel):
         default=None, description="Per-field problems of an invalid request.")
 
 
-class PageQuery(BaseModel):
-    limit: int = Field(50, ge=1, le=200, description="Items per page.")
+class PageQuery(Query):
+    limit: QueryInt = Field(50, ge=1, le=200, description="Items per page.")
     cursor: str = Field("", max_length=200, pattern=r"^[A-Za-z0-9_-]*$",
                         description="`next_cursor` of the previous page; empty for the first.")
 
@@ -106,12 +189,12 @@ class ProgramPage(BaseModel):
     next_cursor: str | None
 
 
-class ProgramDeleteQuery(BaseModel):
-    cascade: bool = Field(False, description="Also delete the program's cards (installed "
+class ProgramDeleteQuery(Query):
+    cascade: QueryBool = Field(False, description="Also delete the program's cards (installed "
                                              "cards stop updating).")
 
 
-class PreviewQuery(BaseModel):
+class PreviewQuery(Query):
     customer: str = Field("", max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$",
                           description="External id of the customer to show; "
                                       "empty: template sample values.")
@@ -138,7 +221,7 @@ class CustomerWrite(Strict):
     last_name: Annotated[str, StringConstraints(max_length=200, pattern=LINE)] | None = None
     locale: Locale | None = None
     phone: Annotated[str, StringConstraints(max_length=40, pattern=LINE)] | None = None
-    birthday: dt.date | None = None
+    birthday: IsoDate | None = None
     consents: dict[ConsentKind, StrictBool] = Field(default_factory=dict, max_length=20,
                                               description="kind -> granted; appended to the "
                                                           "consent history (source api).")
@@ -212,7 +295,7 @@ class ImportJobOut(BaseModel):
                                       "again, up to 3 times")
 
 
-class ImportQuery(BaseModel):
+class ImportQuery(Query):
     format: Literal["", "csv", "ndjson"] = Field(
         "", description="Overrides the Content-Type (text/csv or application/x-ndjson).")
 
@@ -322,7 +405,7 @@ LinkPurpose = Literal["download", "enrich", "consent", "enroll"]
 class LinkOptions(Strict):
     purpose: LinkPurpose
     campaign: Campaign | None = None
-    expires_at: dt.datetime | None = Field(default=None, description="Aware time in the future.")
+    expires_at: IsoDateTime | None = Field(default=None, description="Aware time in the future.")
     max_uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
 
 
@@ -360,33 +443,48 @@ SegmentState = Literal["never-downloaded", "downloaded-not-installed", "installe
 Bound = Annotated[str, StringConstraints(max_length=40, pattern=r"^[0-9T:.+Z-]*$")]
 
 
-class SegmentFilter(BaseModel):
-    """Every filter given must hold. Dates: YYYY-MM-DD (a *_to date includes that day)
-    or ISO 8601."""
+Points = Annotated[float, Field(ge=-1e15, le=1e15, allow_inf_nan=False)]
+QueryPoints = Annotated[float, Field(ge=-1e15, le=1e15, allow_inf_nan=False),
+                        BeforeValidator(_query_number)]
+
+
+class SegmentText(Query):
+    """The filters that are text alike in a query string and a JSON body."""
 
     state: SegmentState | Literal[""] = ""
     campaign: Annotated[str, StringConstraints(max_length=100, pattern=LINE)] = ""
     tier: Annotated[str, StringConstraints(max_length=200, pattern=LINE)] = ""
-    points_min: Annotated[float, Field(ge=-1e15, le=1e15, allow_inf_nan=False)] | None = None
-    points_max: Annotated[float, Field(ge=-1e15, le=1e15, allow_inf_nan=False)] | None = None
     consent: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")] = \
         "marketing_email"
-    include_without_consent: bool = False
     created_from: Bound = ""
     created_to: Bound = ""
     installed_from: Bound = ""
     installed_to: Bound = ""
 
 
+class SegmentFilter(SegmentText):
+    """Every filter given must hold. Dates: YYYY-MM-DD (a *_to date includes that day)
+    or ISO 8601."""
+
+    points_min: QueryPoints | None = None
+    points_max: QueryPoints | None = None
+    include_without_consent: QueryBool = False
+
+
 class SegmentPageQuery(SegmentFilter):
-    limit: int = Field(50, ge=1, le=200)
+    limit: QueryInt = Field(50, ge=1, le=200)
     cursor: str = Field("", max_length=200, pattern=r"^[A-Za-z0-9_-]*$")
 
 
-class SegmentExport(SegmentFilter, Strict):
+class SegmentExport(SegmentText, Strict):
+    """The filters of SegmentFilter as JSON values, and the links to issue."""
+
+    points_min: Points | None = None
+    points_max: Points | None = None
+    include_without_consent: bool = False
     link_purpose: Literal["download", "enrich", "consent"] = "download"
     link_campaign: Campaign | None = None
-    link_expires_at: dt.datetime | None = None
+    link_expires_at: IsoDateTime | None = None
     limit: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
         default=None, description="At most this many rows (e.g. a test send).")
 
@@ -420,7 +518,7 @@ class SegmentPage(BaseModel):
     next_cursor: str | None
 
 
-class FunnelQuery(BaseModel):
+class FunnelQuery(Query):
     by: Literal["day", "campaign"] = "day"
     campaign: Annotated[str, StringConstraints(max_length=100, pattern=LINE)] = ""
     date_from: Bound = Field("", alias="from")

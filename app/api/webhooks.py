@@ -15,7 +15,6 @@ from app import webhooks_out
 from app.api.core import (
     ApiProblem,
     bp,
-    check_id,
     db,
     not_found,
     page,
@@ -59,7 +58,6 @@ def delivery_out(row: WebhookDelivery) -> DeliveryOut:
 
 
 def load_subscription(subscription_id: int) -> WebhookSubscription:
-    check_id(subscription_id, "webhook subscription")
     row = db().scalar(select(WebhookSubscription).where(
         WebhookSubscription.id == subscription_id))
     if row is None:
@@ -98,7 +96,7 @@ def create_webhook() -> Any:
     return reply(subscription_out(row, WebhookCreated, secret=row.secret), 201)
 
 
-@bp.get("/webhooks/<int:subscription_id>")
+@bp.get("/webhooks/<id:subscription_id>")
 @require("admin")
 @spec.validate(resp=responses({200: WebhookOut}, 403, 404), tags=[TAG],
                operation_id="getWebhook")
@@ -107,7 +105,7 @@ def get_webhook(subscription_id: int) -> Any:
     return reply(subscription_out(load_subscription(subscription_id)))
 
 
-@bp.patch("/webhooks/<int:subscription_id>")
+@bp.patch("/webhooks/<id:subscription_id>")
 @require("admin")
 @spec.validate(json=WebhookPatch, resp=responses({200: WebhookOut}, 400, 403, 404, 413),
                tags=[TAG], operation_id="updateWebhook")
@@ -125,7 +123,7 @@ def update_webhook(subscription_id: int) -> Any:
     return reply(subscription_out(row))
 
 
-@bp.delete("/webhooks/<int:subscription_id>")
+@bp.delete("/webhooks/<id:subscription_id>")
 @require("admin")
 @spec.validate(resp=responses({204: None}, 403, 404), tags=[TAG], operation_id="deleteWebhook")
 def delete_webhook(subscription_id: int) -> Any:
@@ -138,7 +136,7 @@ def delete_webhook(subscription_id: int) -> Any:
     return Response(status=204)
 
 
-@bp.get("/webhooks/<int:subscription_id>/deliveries")
+@bp.get("/webhooks/<id:subscription_id>/deliveries")
 @require("admin")
 @spec.validate(query=PageQuery, resp=responses({200: DeliveryPage}, 400, 403, 404), tags=[TAG],
                operation_id="listWebhookDeliveries")
@@ -152,13 +150,12 @@ def list_deliveries(subscription_id: int) -> Any:
     return reply(DeliveryPage(items=[delivery_out(r) for r in rows], next_cursor=cursor))
 
 
-@bp.post("/webhook-deliveries/<int:delivery_id>/redeliver")
+@bp.post("/webhook-deliveries/<id:delivery_id>/redeliver")
 @require("admin")
 @spec.validate(resp=responses({202: DeliveryOut}, 403, 404), tags=[TAG],
                operation_id="redeliverWebhook")
 def redeliver(delivery_id: int) -> Any:
     """Send an event again (same event id and payload) as a new delivery."""
-    check_id(delivery_id, "webhook delivery")
     session = db()
     original = session.scalar(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id))
     if original is None:

@@ -56,7 +56,7 @@ from flask import (
 from limits import parse as parse_limit
 from sqlalchemy.orm import Session
 
-from app import admin_users, dashboard, segments, webhooks_out
+from app import admin_users, bounds, dashboard, segments, webhooks_out
 from app.admin_users import AdminUserError
 from app.audit import record as audit_record
 from app.customers import CustomerDataError
@@ -213,9 +213,16 @@ def _safe_next(target: str | None) -> str | None:
     return target.rstrip("?") or None
 
 
-def _int_arg(name: str) -> int | None:
+def _int_arg(name: str, low: int = bounds.ROW_ID_MIN, high: int = bounds.ROW_ID_MAX) -> int | None:
+    """A whole number from the query or form within [low, high] (row ids by default);
+    None when absent, 400 when it is anything else."""
     raw = request.values.get(name, "").strip()
-    return int(raw) if raw.isdigit() else None
+    if not raw:
+        return None
+    value = bounds.parse_int(raw, low, high)
+    if value is None:
+        abort(400, description=f"{name} must be a whole number from {low} to {high}.")
+    return value
 
 
 # -- signing in and out -----------------------------------------------------------------------
@@ -443,9 +450,7 @@ def segment_export() -> Any:
     if purpose not in PERSONAL_PURPOSES:
         abort(400, description="Unknown link purpose.")
     link_campaign = request.form.get("link_campaign", "").strip() or None
-    days = _int_arg("link_days") or EXPORT_LINK_DAYS
-    if not 1 <= days <= 400:
-        abort(400, description="Links must expire within 1 to 400 days.")
+    days = _int_arg("link_days", 1, 400) or EXPORT_LINK_DAYS
     expires_at = utcnow() + dt.timedelta(days=days)
     _audit("segment.export", f"program:{program.slug}",
            {"segment": segment.to_dict(), "link_purpose": purpose, "link_campaign": link_campaign,
@@ -520,13 +525,13 @@ def _customer_page(customer_id: int, status: int = 200, **context: Any) -> Any:
                  programs=dashboard.programs(db(), current().tenant_id), **context)
 
 
-@bp.get("/customers/<int:customer_id>")
+@bp.get("/customers/<id:customer_id>")
 @requires("viewer")
 def customer(customer_id: int) -> Any:
     return _customer_page(customer_id)
 
 
-@bp.post("/customers/<int:customer_id>/link")
+@bp.post("/customers/<id:customer_id>/link")
 @requires("marketer")
 def customer_link(customer_id: int) -> Any:
     """Ensure the card in one program and issue a personal download link for it.
@@ -572,7 +577,7 @@ def webhooks() -> Any:
                  new_secret=None)
 
 
-@bp.get("/webhooks/deliveries/<int:delivery_id>")
+@bp.get("/webhooks/deliveries/<id:delivery_id>")
 @requires("viewer")
 def delivery(delivery_id: int) -> Any:
     detail = dashboard.delivery_detail(db(), current().tenant_id, delivery_id)
@@ -581,7 +586,7 @@ def delivery(delivery_id: int) -> Any:
     return _page("delivery.html", detail=detail)
 
 
-@bp.post("/webhooks/deliveries/<int:delivery_id>/redeliver")
+@bp.post("/webhooks/deliveries/<id:delivery_id>/redeliver")
 @requires("admin")
 def redeliver(delivery_id: int) -> Any:
     if dashboard.delivery_detail(db(), current().tenant_id, delivery_id) is None:
@@ -617,7 +622,7 @@ def subscription_create() -> Any:
                  event_types=webhooks_out.EVENT_TYPES, new_secret=(created.id, created.secret))
 
 
-@bp.post("/webhooks/subscriptions/<int:subscription_id>/active")
+@bp.post("/webhooks/subscriptions/<id:subscription_id>/active")
 @requires("admin")
 def subscription_active(subscription_id: int) -> Any:
     found = dashboard.subscription(db(), current().tenant_id, subscription_id)
@@ -674,7 +679,7 @@ def user_create() -> Any:
     return redirect(url_for("admin.users"))
 
 
-@bp.post("/users/<int:user_id>")
+@bp.post("/users/<id:user_id>")
 @requires("admin")
 def user_update(user_id: int) -> Any:
     """One form per action: role, disable, enable, or a new password."""
