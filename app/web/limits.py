@@ -2,7 +2,9 @@
 
 Counters live in memory by default and in Redis when PASSERELLE_REDIS_URL is
 set, so several server processes share them. Over the limit: 429 with a
-problem body.
+problem body. While Redis cannot be reached (restarting, failing over) each
+process counts in its own memory and goes back to Redis once it answers: the
+pages keep working and floods are still refused.
 """
 
 from __future__ import annotations
@@ -20,4 +22,5 @@ DEVICE_LOG_LIMIT = "60 per minute"
 def init(app: Flask, redis_url: str) -> None:
     app.config["RATELIMIT_STORAGE_URI"] = redis_url or "memory://"
     app.config["RATELIMIT_HEADERS_ENABLED"] = True
+    app.config["RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"] = True
     limiter.init_app(app)
