@@ -84,6 +84,11 @@ class Settings:
     log_level: str = "INFO"
     #: Bearer token for /metrics. Empty: /metrics answers loopback clients only.
     metrics_token: str = ""
+    #: Seconds a worker holds a push job it took. If the worker dies, another one takes
+    #: the job over once this has passed (the sweeper looks every minute). It must be
+    #: longer than one delivery takes (APNs answers within seconds); shorter means a
+    #: crashed worker's pushes go out sooner.
+    push_lease_seconds: int = 120
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
