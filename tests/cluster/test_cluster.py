@@ -30,6 +30,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import threading
 import time
@@ -332,16 +333,21 @@ def test_campaign_survives_faults(capsys: pytest.CaptureFixture[str]) -> None:
     cluster = harness.Cluster(root, _environment(root, pg, redis, proxy_port), pg, redis)
     engine = create_engine(normalize_database_url(pg.url), pool_pre_ping=True)
     apns: ApnsStandin | None = None
+    passed = False
     try:
         apns = _run(cluster, engine, proxy_port, capsys)
+        passed = True
     except BaseException:
         print(cluster.logs())
+        print(f"every log and the database's folder are kept in {root}")
         raise
     finally:
         if apns is not None:
             apns.stop()
         engine.dispose()
         cluster.stop()
+        if passed:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(cluster: harness.Cluster, engine, proxy_port: int,  # type: ignore[no-untyped-def]
