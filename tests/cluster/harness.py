@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,27 +160,55 @@ class Redis:
 
 @dataclass
 class Managed:
-    """One long-running program with its log file."""
+    """One long-running program with its log file, restarted when it exits as
+    systemd's Restart=always (RestartSec=1) or compose's restart policy would."""
 
     name: str
     argv: list[str]
     env: dict[str, str]
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    stopping: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
+        with self._lock:
+            self._spawn()
+        threading.Thread(target=self._supervise, daemon=True).start()
+
+    def _spawn(self) -> None:
         with self.log.open("ab") as out:  # the child keeps its own copy
             self.process = subprocess.Popen(self.argv, env=self.env, stdout=out,
                                             stderr=subprocess.STDOUT, cwd=REPO)
+        self.starts += 1
+
+    def _supervise(self) -> None:
+        while not self.stopping:
+            process = self.process
+            assert process is not None
+            process.wait()
+            time.sleep(1.0)
+            with self._lock:
+                if self.stopping:
+                    return
+                self._spawn()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
+        """Send ``sig`` (the supervisor starts the program again once it exits)."""
+        process = self.process
+        if process and process.poll() is None:
+            process.send_signal(sig)
             try:
-                self.process.wait(timeout=30)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+                process.kill()
+                process.wait(timeout=10)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopping = True
+        self.kill(signal.SIGTERM)
 
     @property
     def alive(self) -> bool:
@@ -235,9 +264,6 @@ class Cluster:
         answer = httpx.get(f"http://127.0.0.1:{self.web_ports[index]}/readyz", timeout=2)
         return answer.status_code == 200
 
-    def restart_web(self, index: int) -> None:
-        self.web[index].start()
-
     def add_worker(self, threads: int = 4) -> Managed:
         index = len(self.workers) + 1
         process = Managed(f"worker{index}", passerelle_argv("worker", "--workers", str(threads)),
@@ -277,7 +303,7 @@ class Cluster:
 
     def stop(self) -> None:
         for process in [*self.workers, *self.web, *([self.proxy] if self.proxy else [])]:
-            process.kill(signal.SIGTERM)
+            process.stop()
         self.redis.stop()
         self.postgres.stop("immediate")
 
