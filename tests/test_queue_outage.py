@@ -55,3 +55,20 @@ def test_database_away_is_503_with_retry_after_never_500(settings) -> None:  # t
         assert person.mimetype == "text/html"
     finally:
         app.extensions["passerelle"].db.dispose()
+
+
+def test_commands_say_the_database_is_unreachable_in_one_line(settings) -> None:  # type: ignore[no-untyped-def]
+    """`passerelle serve` or `worker` started while PostgreSQL restarts: one error line
+    and exit 1 (the supervisor starts it again), not a traceback."""
+    from app.cli import main
+
+    away = dataclasses.replace(
+        settings, database_url=f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/x")
+    app = create_app(away)
+    try:
+        result = app.test_cli_runner().invoke(main, ["cards", "timeline", "abc"])
+        assert result.exit_code == 1
+        assert "the database cannot be reached" in result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    finally:
+        app.extensions["passerelle"].db.dispose()
