@@ -305,7 +305,14 @@ def _refuse_bad_certificates(svc: Services) -> None:
 
 
 def _ensure_migrated() -> None:
-    if not migrate.is_current(services().db.engine):
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        current = migrate.is_current(services().db.engine)
+    except OperationalError as exc:  # restarting, wrong address: say so, exit 1
+        fail(f"the database cannot be reached ({type(exc.orig or exc).__name__}); "
+             "check PASSERELLE_DATABASE_URL")
+    if not current:
         fail("the database schema is not up to date: run `passerelle db upgrade`")
 
 

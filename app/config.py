@@ -87,6 +87,11 @@ class Settings:
     #: Days to keep logs and finished outbox rows, per table, over the defaults in
     #: app/retention.py: ``push_attempts=14,funnel_events=0`` (0 = keep forever).
     retention: str = ""
+    #: Seconds a worker holds a push job it took. If the worker dies, another one takes
+    #: the job over once this has passed (the sweeper looks every minute). It must be
+    #: longer than one delivery takes (APNs answers within seconds); shorter means a
+    #: crashed worker's pushes go out sooner.
+    push_lease_seconds: int = 120
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

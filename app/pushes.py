@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEASE = dt.timedelta(minutes=2)
+LEASE = dt.timedelta(minutes=2)  # the default of PASSERELLE_PUSH_LEASE_SECONDS
 GIVE_UP_AFTER = dt.timedelta(hours=24)
 FIRST_RETRY = dt.timedelta(seconds=10)
 MAX_RETRY = dt.timedelta(hours=1)
@@ -48,15 +48,17 @@ def backoff(attempt: int) -> dt.timedelta:
     return outbox.backoff(attempt, FIRST_RETRY, MAX_RETRY)
 
 
-def claim(session: Session, job_id: int, now: dt.datetime) -> bool:
+def claim(session: Session, job_id: int, now: dt.datetime,
+          lease: dt.timedelta = LEASE) -> bool:
     """Take the job for one lease; False if done, leased by another worker, or not due."""
-    return outbox.claim(session, PushJob, job_id, now, LEASE)
+    return outbox.claim(session, PushJob, job_id, now, lease)
 
 
 def deliver(services: Services, job_id: int) -> Delivery:
     now = utcnow()
     with services.db.session() as session:
-        if not claim(session, job_id, now):
+        lease = dt.timedelta(seconds=services.settings.push_lease_seconds)
+        if not claim(session, job_id, now, lease):
             return Delivery(job_id, "skipped")
         job = session.get(PushJob, job_id)
         assert job is not None

@@ -5,9 +5,27 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify, render_template, request
-from werkzeug.exceptions import HTTPException, InternalServerError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
+
+#: Seconds a client is asked to wait while the database is away (a restart, a failover).
+DATABASE_RETRY_AFTER = 5
+
+
+def database_away(exc: BaseException) -> bool:
+    """The database could not be reached or dropped the connection: not a bug, a wait."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def log_database_away(exc: BaseException) -> None:
+    # The driver's class name only: its message may quote a statement.
+    orig = getattr(exc, "orig", None)
+    log.warning("database unavailable on %s %s (%s); answered 503", request.method,
+                request.url_rule.rule if request.url_rule else "?",
+                type(orig or exc).__name__)
 
 
 def wants_json() -> bool:
@@ -47,5 +65,10 @@ def register(app: Flask) -> None:
     def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]
         if isinstance(exc, HTTPException):
             return _http_error(exc)
+        if database_away(exc):  # restarting, failing over: come back shortly
+            log_database_away(exc)
+            response = _http_error(ServiceUnavailable("the database is unavailable; retry shortly"))
+            response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER)
+            return response
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _http_error(InternalServerError())

@@ -2,7 +2,9 @@
 
 Counters live in memory by default and in Redis when PASSERELLE_REDIS_URL is
 set, so several server processes share them. Over the limit: 429 with a
-problem body.
+problem body. While Redis cannot be reached (restarting, failing over) each
+process counts in its own memory and goes back to Redis once it answers: the
+pages keep working and floods are still refused.
 
 Every answer of a limited route carries ``X-RateLimit-*``; ``Retry-After`` ("come
 back later", RFC 9110 §10.2.3) only a 429 or 503. Flask-Limiter sets it on every
@@ -33,6 +35,7 @@ RETRY_AFTER_STATUSES = frozenset({429, 503})
 def init(app: Flask, redis_url: str) -> None:
     app.config["RATELIMIT_STORAGE_URI"] = redis_url or "memory://"
     app.config["RATELIMIT_HEADERS_ENABLED"] = True
+    app.config["RATELIMIT_IN_MEMORY_FALLBACK_ENABLED"] = True
     # Registered before the limiter's own hook, so it runs after it (Flask runs
     # after_request functions in reverse order).
     app.after_request(_retry_after_only_when_refused)

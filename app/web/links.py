@@ -70,7 +70,7 @@ from app.google.wallet import (
 )
 from app.models import Customer, LinkToken, Program, Tenant, utcnow
 from app.services import Services
-from app.web import private_page_headers, services
+from app.web import errors, private_page_headers, services
 from app.web.limits import limiter
 
 bp = Blueprint("links", __name__)
@@ -205,6 +205,10 @@ def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
 
 @bp.errorhandler(Exception)
 def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]
+    if errors.database_away(exc):  # a database restart: "try again in a moment", 503
+        errors.log_database_away(exc)
+        html, status = _error_page(503, "error")
+        return html, status, {"Retry-After": str(errors.DATABASE_RETRY_AFTER)}
     log.exception("unhandled error on %s %s", request.method, request.endpoint)
     return _error_page(500, "error")
 
