@@ -5,6 +5,12 @@ says it should be sent traffic: database reachable, schema at the latest
 migration, every Pass Type ID certificate loadable and in date, and the job
 queue reachable. Checks that read files are cached briefly so that a load
 balancer probing every second costs one SELECT, not a certificate parse.
+
+The queue is reported but not required: every web process shares the same
+Redis, so taking them all out of the load balancer while it restarts would turn
+a few seconds of late pushes (rows wait in the database; the sweepers queue
+them) into an outage of every page and device request. ``/readyz`` then
+answers 200 with ``"status": "degraded"``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class Check:
     name: str
     ok: bool
     detail: str = ""
+    #: False: a failure degrades the process but it should still get traffic.
+    required: bool = True
 
 
 def check_certificates(services: Services) -> tuple[list[str], list[str]]:
@@ -125,6 +133,7 @@ class Readiness:
     def _queue(self) -> Check:
         try:
             self.services.jobs.huey.storage.queue_size()
-        except Exception as exc:  # Redis down, SQLite file unreadable: not ready either way
-            return Check("queue", False, type(exc).__name__)
-        return Check("queue", True)
+        except Exception as exc:  # Redis down, SQLite file unreadable: degraded either way
+            return Check("queue", False, f"{type(exc).__name__}: pushes and deliveries wait "
+                                         f"in the database until it answers", required=False)
+        return Check("queue", True, required=False)

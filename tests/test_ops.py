@@ -10,7 +10,6 @@ from sqlalchemy import select, text
 
 from app import migrate
 from app.models import Card, PushJob, utcnow
-from app.readiness import Readiness
 from app.services import Services
 
 
@@ -57,14 +56,22 @@ def _previous_revision(services: Services, head: str) -> str:
     return previous
 
 
-def test_an_unreachable_queue_makes_the_process_not_ready(settings) -> None:  # type: ignore[no-untyped-def]
-    broken = Services(dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0"))
+def test_an_unreachable_queue_degrades_the_process_but_keeps_it_in_rotation(settings):  # type: ignore[no-untyped-def]
+    from app import create_app
+
+    broken = dataclasses.replace(settings, redis_url="redis://127.0.0.1:1/0")
+    app = create_app(broken)
     try:
-        checks = {c.name: c for c in Readiness(broken).checks()}
+        checks = {c.name: c for c in app.extensions["passerelle.readiness"].checks()}
+        response = app.test_client().get("/readyz")
     finally:
-        broken.close()
-    assert checks["database"].ok and not checks["queue"].ok
+        app.extensions["passerelle"].db.dispose()
+    assert checks["database"].ok and not checks["queue"].ok and not checks["queue"].required
     assert "Connection" in checks["queue"].detail
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "degraded"
+    assert body["checks"]["queue"].startswith("ConnectionError: pushes and deliveries wait")
 
 
 def test_metrics_count_requests_per_group_and_read_outbox_state(client, services, demo):  # type: ignore[no-untyped-def]

@@ -40,10 +40,11 @@ def readyz():  # type: ignore[no-untyped-def]
 
     checks = current_app.extensions["passerelle.readiness"].checks()
     body = {c.name: ("ok" if c.ok else c.detail or "failing") for c in checks}
-    if all(c.ok for c in checks):
-        return jsonify(status="ready", checks=body)
+    if all(c.ok for c in checks if c.required):
+        return jsonify(status="ready" if all(c.ok for c in checks) else "degraded",
+                       checks=body)
     response = problem(503, "Service Unavailable", "not ready: " + ", ".join(
-        c.name for c in checks if not c.ok))
+        c.name for c in checks if not c.ok and c.required))
     payload = response.get_json()
     payload["checks"] = body
     response.set_data(jsonify(payload).get_data())
