@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ def server(chain: DevChain) -> Iterator[ApnsStandin]:
 @pytest.fixture()
 def client(server: ApnsStandin, chain: DevChain) -> Iterator[ApnsClient]:
     with ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
-                    ca_file=server.ca_file, timeout=5.0) as apns:
+                    ca_file=server.ca_file, timeout=5.0, max_concurrency=1000,
+                    max_connections=1) as apns:
         yield apns
 
 
@@ -176,6 +178,24 @@ def test_500_pushes_multiplex_over_one_connection(server: ApnsStandin,
     assert server.connection_ids() == {1}
     assert server.connections_opened == 1
     assert server.max_in_flight >= 10  # truly concurrent streams, not one after another
+
+
+def test_a_full_connection_gets_company_up_to_the_limit(server: ApnsStandin,
+                                                        chain: DevChain) -> None:
+    tokens = [_token(i) for i in range(400)]
+    for token in tokens:  # held back, so every stream stays open until all are sent
+        server.script[token] = [(200, None, 0.3)]
+    with ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
+                    ca_file=server.ca_file, timeout=5.0, max_concurrency=100,
+                    max_connections=3) as apns:
+        results = apns.push(TOPIC, tokens)
+        assert {r.outcome for r in results} == {"sent"}
+        assert server.connections_opened == 3  # 100 streams each, no fourth
+        apns.push(TOPIC, [_token(1000)])
+        assert server.connections_opened == 3  # kept open between calls
+    by_connection = Counter(r.connection_id for r in server.received)
+    assert sorted(by_connection) == [1, 2, 3] and sum(by_connection.values()) == 401
+    assert server.max_in_flight == 100  # per connection: the cap, never more
 
 
 def test_consecutive_calls_reuse_the_connection(server: ApnsStandin,
