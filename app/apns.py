@@ -195,7 +195,7 @@ class CircuitBreaker:
         self._retry_at = self._clock() + delay
         self.last_error = reason
         if self.failing_since is None:
-            self.failing_since = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+            self.failing_since = dt.datetime.now(dt.UTC)
         log.error("APNs connection failed (%d in a row), next attempt in %.0f s: %s",
                   self.failures, delay, reason)
 
@@ -209,7 +209,7 @@ class CircuitBreaker:
         """What operators should see while connecting fails; None when it works."""
         if not self.failures or self.failing_since is None:
             return None
-        retry_at = (dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        retry_at = (dt.datetime.now(dt.UTC)
                     + dt.timedelta(seconds=self.retry_in()))
         return ApnsProblem(self.failing_since, self.last_error or "", retry_at, self.failures)
 
@@ -221,7 +221,7 @@ class CircuitBreaker:
 
 @dataclass(frozen=True)
 class ApnsProblem:
-    failing_since: dt.datetime  # naive UTC, like the database's timestamps
+    failing_since: dt.datetime  # aware UTC, like the database columns
     reason: str
     next_attempt_at: dt.datetime
     failures: int

@@ -102,6 +102,8 @@ def check_all_certificates(svc: Services) -> tuple[list[str], list[str]]:
         programs = session.scalars(select(Program)).all()
         known = {i.pass_type_identifier for i in identities}
         for identity in identities:
+            if identity.apns_failing_since is not None:
+                errors.append(apns_status_line(identity))
             try:
                 password = identity_password(identity)
             except certs.CertificateError as exc:
@@ -118,6 +120,15 @@ def check_all_certificates(svc: Services) -> tuple[list[str], list[str]]:
                 errors.append(f"program {program.slug!r}: no certificate registered for "
                               f"{program.pass_type_identifier!r}")
     return errors, warnings
+
+
+def apns_status_line(identity: AppleIdentity) -> str:
+    """What the push workers' circuit breaker recorded for this identity."""
+    next_at = identity.apns_next_attempt_at
+    return (f"{identity.pass_type_identifier}: APNs connections fail since "
+            f"{identity.apns_failing_since:%Y-%m-%d %H:%M} UTC, pushes are paused"
+            + (f" (next attempt {next_at:%H:%M:%S} UTC)" if next_at else "")
+            + f": {identity.apns_problem}")
 
 
 @certs_group.command("check")
@@ -1321,6 +1332,23 @@ def _count_lines(path: Path) -> int:
 @main.group()
 def cards() -> None:
     """Wallet cards."""
+
+
+@main.command("prune")
+@click.option("--days", type=click.IntRange(min=8), default=None,
+              help="Keep this many days of push outcomes and finished push jobs "
+                   "(default 30; the dashboard shows the last 7).")
+@with_appcontext
+def prune_command(days: int | None) -> None:
+    """Delete push outcomes and finished push jobs older than the kept window (the
+    worker also does this daily)."""
+    from app import pushes
+
+    _ensure_migrated()
+    keep = dt.timedelta(days=days) if days else pushes.KEEP_HISTORY
+    pruned = pushes.prune(services(), keep=keep)
+    click.echo(f"pruned {pruned.attempts} push outcomes and {pruned.jobs} finished push jobs "
+               f"older than {keep.days} days")
 
 
 @cards.command("timeline")

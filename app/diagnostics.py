@@ -1,7 +1,10 @@
 """A card's diagnostic timeline, for "my card does not update" investigations.
 
-Merges, in time order: the card's current version, install events, push
-outcomes and the lines Wallet posted to /v1/log that name the card.
+Merges, in time order: the card's current version, install events, push jobs,
+per-device push outcomes, the lines Wallet posted to /v1/log that name the card,
+and, while the push workers cannot connect to APNs with the card's certificate,
+that problem. Push outcomes and finished jobs are a window of
+``pushes.KEEP_HISTORY`` (`passerelle prune`): older ones are summed up in one line.
 """
 
 from __future__ import annotations
@@ -12,7 +15,17 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Card, DeviceLog, InstallEvent, PushAttempt, PushJob, Registration
+from app.models import (
+    AppleIdentity,
+    Card,
+    DeviceLog,
+    InstallEvent,
+    PushAttempt,
+    PushJob,
+    Registration,
+    utcnow,
+)
+from app.pushes import KEEP_HISTORY
 
 
 @dataclass(frozen=True)
@@ -51,4 +64,15 @@ def timeline(session: Session, serial: str) -> list[Entry]:
                              .rstrip()))
     for log in session.scalars(select(DeviceLog).where(DeviceLog.card_id == card.id)):
         entries.append(Entry(log.received_at, "wallet log", log.message))
-    return sorted(entries, key=lambda e: e.at)
+    identity = session.scalar(select(AppleIdentity).where(
+        AppleIdentity.pass_type_identifier == card.program.pass_type_identifier))
+    if identity is not None and identity.apns_failing_since is not None:
+        entries.append(Entry(identity.apns_failing_since, "apns down",
+                             f"connections with the certificate fail, pushes paused and "
+                             f"retried: {identity.apns_problem}"))
+    entries.sort(key=lambda e: e.at)
+    window = utcnow() - KEEP_HISTORY
+    if card.created_at < window:
+        entries.insert(0, Entry(window, "history", f"push outcomes are kept "
+                                                   f"{KEEP_HISTORY.days} days (passerelle prune)"))
+    return entries

@@ -338,8 +338,9 @@ def _record_apns_status(session: Session, identity: AppleIdentity, problem: Any)
 class _RateLimit:
     """Token bucket shared by every thread using one Google client (one project)."""
 
-    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.per_second, self._clock = per_second, clock
+    def __init__(self, per_second: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.per_second, self._clock, self._sleep = per_second, clock, sleep
         self._tokens, self._stamp = per_second, clock()
         self._lock = threading.Lock()
 
@@ -350,11 +351,11 @@ class _RateLimit:
                 self._tokens = min(self.per_second,
                                    self._tokens + (now - self._stamp) * self.per_second)
                 self._stamp = now
-                if self._tokens >= 1:
+                if self._tokens >= 1 - 1e-9:  # (float dust must not mean a nap of 0 s)
                     self._tokens -= 1
                     return
                 wait = (1 - self._tokens) / self.per_second
-            time.sleep(wait)
+            self._sleep(wait)
 
 
 _limits: weakref.WeakKeyDictionary[object, _RateLimit] = weakref.WeakKeyDictionary()

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from app.apns import APNS_PRODUCTION_URL, ApnsClient, ApnsError, ApnsPool, PushResult
+from app.apns import (
+    APNS_PRODUCTION_URL,
+    ApnsClient,
+    ApnsError,
+    ApnsPool,
+    CircuitBreaker,
+    PushResult,
+)
 from app.certs import SigningIdentity, load_identity, make_dev_certs
 from tests.apns_standin import ApnsStandin
 
@@ -139,6 +146,64 @@ def test_untrusted_certificate_fails_the_handshake_not_the_caller(
     assert server.received == []
     # One handshake for the whole call, not one per token (APNs would see a DoS).
     assert server.handshakes_refused == 1
+
+
+def test_refused_certificate_trips_the_breaker_until_it_is_accepted(
+        server: ApnsStandin, chain: DevChain) -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(first=5.0, ceiling=600.0, clock=lambda: now[0])
+    tokens = [_token(i) for i in range(50)]
+    server.refuse_client_certificates = True  # as APNs refuses a revoked certificate
+
+    def push() -> set[str]:
+        return {r.outcome for r in apns.push(TOPIC, tokens)}
+
+    with ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
+                    ca_file=server.ca_file, timeout=5.0, breaker=breaker) as apns:
+        assert push() == {"retry"}
+        problem = apns.problem()
+        assert problem is not None and problem.failures == 1
+        assert "TLS" in problem.reason and "certificate" in problem.reason
+        for _ in range(5):  # jobs keep coming: not one handshake more while it waits
+            assert push() == {"retry"}
+        assert server.handshakes_started == 1
+        now[0] += 4.9
+        push()
+        assert server.handshakes_started == 1
+        now[0] += 0.1  # 5 s: one attempt, refused again; now 10 s to wait
+        push()
+        assert server.handshakes_started == 2
+        now[0] += 9.9
+        push()
+        assert server.handshakes_started == 2
+        now[0] += 0.1
+        push()
+        assert server.handshakes_started == 3 and apns.problem().failures == 3  # type: ignore[union-attr]
+        paused = apns.push(TOPIC, tokens[:1])[0]
+        assert "paused" in (paused.reason or "") and "next attempt in 20 s" in paused.reason
+
+        server.refuse_client_certificates = False  # renewed upstream
+        now[0] += 20
+        assert push() == {"sent"}  # resumes by itself
+        assert apns.problem() is None and server.handshakes_started == 4
+        assert push() == {"sent"} and server.connections_opened == 1
+    assert server.received and {r.connection_id for r in server.received} == {1}
+    assert server.handshakes_refused == 3
+
+
+def test_breaker_delay_doubles_up_to_its_ceiling() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(first=5.0, ceiling=60.0, clock=lambda: now[0])
+    delays = []
+    for _ in range(6):
+        breaker.failed("refused")
+        delays.append(breaker.retry_in())
+        assert not breaker.allows()
+        now[0] += delays[-1]
+        assert breaker.allows()
+    assert delays == [5, 10, 20, 40, 60, 60]
+    breaker.succeeded()
+    assert breaker.allows() and breaker.problem() is None
 
 
 def test_unreachable_server_is_a_retry(chain: DevChain, tmp_path: Path) -> None:
