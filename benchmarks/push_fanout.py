@@ -12,7 +12,9 @@ then 2) run against the APNs stand-in (tests/apns_standin.py, HTTP/2 over TLS,
 its own process) with the Huey queue in Redis. Per run, N push jobs are written
 (as the update pipeline writes them), handed to `JobQueue.dispatch` like a
 committed import does, and timed until the database says every job is done;
-every device must have a `sent` outcome. Reported: pushes/s per worker count.
+every device must have a `sent` outcome. Reported: pushes/s per worker count, and
+the CPU time the workers and the stand-in spent per push (from /proc: what the
+rate would be with a core to spare, when the machine is shared).
 
 In the same run, interleaved with the worker runs so both see the same machine,
 the stand-in's ceiling with a lean client: `h2load` (C, from nghttp2; `apt-get
@@ -94,6 +96,7 @@ def main() -> int:
                "PASSERELLE_REDIS_URL": args.redis_url, "PASSERELLE_APNS_URL": url,
                "PASSERELLE_APNS_CA_FILE": str(ca_file)}
         rates: dict[int, list[float]] = {}
+        cpu_per_push: dict[int, list[tuple[float, ...]]] = {}  # (workers, stand-in) in us
         ceilings: list[float] = []
         tokens = [secrets.token_hex(32) for _ in range(args.cards)]
         try:
@@ -107,7 +110,12 @@ def main() -> int:
                     _run(services, card_ids[:200], count)  # processes up, connections open
                     for _ in range(args.repeat):
                         ceilings.append(_bare_rate(bare, url, ca_file, tokens, work))
+                        cpu = _cpu_seconds([w.pid for w in workers]), _cpu_seconds([server.pid])
                         rates.setdefault(count, []).append(_run(services, card_ids, count))
+                        cpu_per_push.setdefault(count, []).append(tuple(
+                            (after - before) / len(card_ids) * 1e6 for before, after in zip(
+                                cpu, (_cpu_seconds([w.pid for w in workers]),
+                                      _cpu_seconds([server.pid])))))
                 finally:
                     for worker in workers:
                         worker.send_signal(signal.SIGINT)
@@ -137,11 +145,25 @@ def main() -> int:
               f"-> dispatch -> all done")
         print(f"  {rate:8.0f} pushes/s   runs: {', '.join(f'{r:.0f}' for r in runs)}   "
               f"{rate / count:.0f}/s per process, {rate / ceiling:.0%} of the ceiling")
+        worker_us = statistics.median(c[0] for c in cpu_per_push[count])
+        standin_us = statistics.median(c[1] for c in cpu_per_push[count])
+        print(f"  CPU per push: workers {worker_us:.0f} us (all {count} together; one core "
+              f"would carry {1e6 / worker_us:.0f}/s), stand-in {standin_us:.0f} us")
     if len(rates) > 1:
         one, *_, last = sorted(rates)
         scale = statistics.median(rates[last]) / statistics.median(rates[one])
         print(f"scaling {one} -> {last} processes: x{scale:.2f}")
     return 0
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of processes so far (Linux /proc), all their threads."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def _fresh_database(url: str, work: Path) -> str:
