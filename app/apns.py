@@ -6,12 +6,19 @@ Type ID certificate and key that sign the passes (docs: shared/reference/apple.m
 
 Apple asks senders to keep connections open and to put many concurrent streams on
 each: reconnecting per push looks like a denial-of-service attack. So each
-:class:`ApnsClient` owns one HTTP/2 connection pool (httpcore, the transport of
-httpx, with ``h2`` for the framing) on a private event loop in a daemon thread.
-:meth:`ApnsClient.push` is synchronous for its callers (job workers, commands) but
-sends every token of a call concurrently over the same connection, and the
-connection stays open between calls. :class:`ApnsPool` keeps one client per pass
-type identifier.
+:class:`ApnsClient` keeps its TLS connection(s) open on a private event loop in a
+daemon thread, and the ``h2`` library (the HTTP/2 implementation httpx uses) does the
+framing: one asyncio protocol per connection hands h2's events to waiting pushes. No
+general-purpose HTTP client sits in between: httpcore's per-request locking and pool
+bookkeeping held one process near 1,100 pushes/s, several times below what the same
+connection carries this way. :meth:`ApnsClient.push` is synchronous for its callers
+(job workers, commands) but sends every token of a call concurrently, up to the
+server's announced stream limit per connection (a second connection opens only while
+the first is full), and the connections stay open between calls. Connecting goes
+through a :class:`CircuitBreaker`: while handshakes fail (a refused certificate, APNs
+unreachable) at most one attempt is made per delay, 5 s doubling to 10 min, and
+operators are told (:meth:`ApnsClient.problem`). :class:`ApnsPool` keeps one client per
+pass type identifier.
 
 Push tokens and keys never reach the logs; at most a token's first 8 characters do.
 """
@@ -19,6 +26,8 @@ Push tokens and keys never reach the logs; at most a token's first 8 characters 
 from __future__ import annotations
 
 import asyncio
+import collections
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -38,11 +47,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import httpcore
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hpack import NeverIndexedHeaderTuple
 
 from app.certs import certificate_uid
 
@@ -138,6 +152,265 @@ class ApnsTokenKey:
             return self._token[1]
 
 
+class ConnectError(Exception):
+    """No connection to APNs: TCP refused or timed out, TLS refused, or no HTTP/2 answer."""
+
+
+class ConnectionLost(Exception):
+    """The connection ended (GOAWAY, reset, TLS alert) while a push was in flight."""
+
+
+class CircuitOpen(Exception):
+    """Pushes for this certificate are paused: connecting failed a moment ago."""
+
+
+class CircuitBreaker:
+    """One per certificate: after a failed connection attempt (refused client certificate,
+    APNs unreachable), the next attempt waits ``first`` seconds, doubling per failure up
+    to ``ceiling``. Every push in between fails at once without touching the network, so
+    APNs sees at most one handshake per delay, never a storm of them; the first
+    connection that works closes the breaker again."""
+
+    FIRST = 5.0
+    CEILING = 600.0
+
+    def __init__(self, first: float = FIRST, ceiling: float = CEILING,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.first, self.ceiling, self._clock = first, ceiling, clock
+        self.failures = 0
+        self.attempts = 0  # connection attempts made (tests and status)
+        self.last_error: str | None = None
+        self.failing_since: dt.datetime | None = None
+        self._retry_at = 0.0
+
+    def allows(self) -> bool:
+        return self.failures == 0 or self._clock() >= self._retry_at
+
+    def retry_in(self) -> float:
+        return max(self._retry_at - self._clock(), 0.0) if self.failures else 0.0
+
+    def failed(self, reason: str) -> None:
+        self.failures += 1
+        delay = min(self.first * 2 ** (self.failures - 1), self.ceiling)
+        self._retry_at = self._clock() + delay
+        self.last_error = reason
+        if self.failing_since is None:
+            self.failing_since = dt.datetime.now(dt.UTC)
+        log.error("APNs connection failed (%d in a row), next attempt in %.0f s: %s",
+                  self.failures, delay, reason)
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.warning("APNs connection works again after %d failed attempt(s)",
+                        self.failures)
+        self.failures, self.last_error, self.failing_since = 0, None, None
+
+    def problem(self) -> ApnsProblem | None:
+        """What operators should see while connecting fails; None when it works."""
+        if not self.failures or self.failing_since is None:
+            return None
+        retry_at = (dt.datetime.now(dt.UTC)
+                    + dt.timedelta(seconds=self.retry_in()))
+        return ApnsProblem(self.failing_since, self.last_error or "", retry_at, self.failures)
+
+    def _open_error(self) -> CircuitOpen:
+        return CircuitOpen(f"APNs paused after {self.failures} failed connection(s), next "
+                           f"attempt in {self.retry_in():.0f} s: {self.last_error}"
+                           [:_REASON_LIMIT])
+
+
+@dataclass(frozen=True)
+class ApnsProblem:
+    failing_since: dt.datetime  # aware UTC, like the database columns
+    reason: str
+    next_attempt_at: dt.datetime
+    failures: int
+
+
+class _Stream:
+    __slots__ = ("future", "status", "apns_id", "body", "timer")
+
+    def __init__(self, future: asyncio.Future[tuple[int, str | None, bytes]]) -> None:
+        self.future = future
+        self.status = 0
+        self.apns_id: str | None = None
+        self.body = bytearray()
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Connection(asyncio.Protocol):
+    """One TLS connection to APNs carrying many concurrent streams. The `h2` library
+    does the HTTP/2 framing, flow control and header compression; this class only
+    matches its events to waiting pushes."""
+
+    def __init__(self, client: ApnsClient) -> None:
+        self.client = client
+        # Our request headers are fixed, lower-case bytes: h2's per-header validation and
+        # normalisation of them (and of APNs' three response headers) is pure overhead.
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False,
+            normalize_outbound_headers=False, validate_inbound_headers=False))
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, _Stream] = {}
+        self.in_flight = 0
+        self.usable = True  # False after GOAWAY or loss: no new streams
+        self.answered = False  # a response came back: this connection worked
+        loop = asyncio.get_running_loop()
+        self.settled: asyncio.Future[None] = loop.create_future()  # server's SETTINGS seen
+        self.closed: asyncio.Future[None] = loop.create_future()  # connection_lost ran
+        self._loop = loop
+        self._flush_soon = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.h2.initiate_connection()
+        transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._abort(ConnectionLost(f"HTTP/2 protocol error: {exc}"))
+            return
+        for event in events:
+            if isinstance(event, h2.events.ResponseReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    for name, value in event.headers:
+                        if name == b":status":
+                            stream.status = int(value)
+                        elif name == b"apns-id":
+                            stream.apns_id = value.decode("ascii", "replace")
+            elif isinstance(event, h2.events.DataReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and len(stream.body) < 4096:
+                    stream.body.extend(event.data)
+                self.h2.acknowledge_received_data(event.flow_controlled_length,
+                                                  event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    self._finish(stream, result=(stream.status, stream.apns_id,
+                                                 bytes(stream.body)))
+            elif isinstance(event, h2.events.StreamReset):
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    self._finish(stream, error=ConnectionLost(
+                        f"stream reset by APNs (error code {event.error_code})"))
+            elif isinstance(event, h2.events.RemoteSettingsChanged):
+                if not self.settled.done():
+                    self.settled.set_result(None)
+                self.client._wake_all()
+            elif isinstance(event, h2.events.WindowUpdated):
+                self.client._wake_all()
+            elif isinstance(event, h2.events.ConnectionTerminated):  # GOAWAY
+                self.usable = False
+                last = event.last_stream_id or 0
+                for stream_id in [s for s in self.streams if s > last]:
+                    self._finish(self.streams.pop(stream_id),
+                                 error=ConnectionLost("GOAWAY from APNs"))
+                self.client._wake_all()
+        self._flush()
+        if not self.usable and not self.streams and self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.usable = False
+        error = ConnectionLost(_describe(exc) if exc else "connection closed by APNs")
+        if exc is not None:
+            error.__cause__ = exc
+        if not self.settled.done():
+            self.settled.set_exception(error)
+            self.settled.exception()  # retrieved: the opener reads it or has given up
+        for stream in list(self.streams.values()):
+            self._finish(stream, error=error)
+        self.streams.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.client._lost(self)
+
+    # -- used by ApnsClient ---------------------------------------------------------------
+
+    def has_room(self) -> bool:
+        limit = min(self.h2.remote_settings.max_concurrent_streams, self.client._max_streams)
+        return (self.usable and self.in_flight < limit
+                and self.h2.outbound_flow_control_window >= len(_BODY))
+
+    def send(self, headers: list[tuple[bytes, bytes]], timeout: float
+             ) -> asyncio.Future[tuple[int, str | None, bytes]]:
+        try:
+            stream_id = self.h2.get_next_available_stream_id()
+            self.h2.send_headers(stream_id, headers)
+            self.h2.send_data(stream_id, _BODY, end_stream=True)
+        except h2.exceptions.NoAvailableStreamIDError:
+            self.usable = False  # 2^31 streams used: a fresh connection takes over
+            raise ConnectionLost("no stream ids left on this connection") from None
+        stream = _Stream(self._loop.create_future())
+        stream.timer = self._loop.call_later(timeout, self._expire, stream_id)
+        self.streams[stream_id] = stream
+        if not self._flush_soon:  # one write for all streams started in this loop turn
+            self._flush_soon = True
+            self._loop.call_soon(self._flush)
+        return stream.future
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.client._wake_one()
+
+    def close(self) -> None:
+        self.usable = False
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.h2.close_connection()
+                self.transport.write(self.h2.data_to_send())
+            except h2.exceptions.ProtocolError:
+                pass
+            self.transport.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _expire(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return
+        stream.timer = None
+        self._finish(stream, error=TimeoutError())
+        try:
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._flush()
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def _finish(self, stream: _Stream, result: tuple[int, str | None, bytes] | None = None,
+                error: BaseException | None = None) -> None:
+        if stream.timer is not None:
+            stream.timer.cancel()
+        if stream.future.done():
+            return
+        if error is not None:
+            stream.future.set_exception(error)
+        else:
+            self.answered = True
+            stream.future.set_result(result)  # type: ignore[arg-type]
+
+    def _abort(self, error: Exception) -> None:
+        self.usable = False
+        for stream in list(self.streams.values()):
+            self._finish(stream, error=error)
+        self.streams.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+
 class ApnsClient:
     """Persistent, multiplexed HTTP/2 client for ONE pass-type certificate (or .p8 key)."""
 
@@ -145,36 +418,49 @@ class ApnsClient:
                  private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | None = None, *,
                  token_key: ApnsTokenKey | None = None,
                  ca_file: Path | None = None, timeout: float = 10.0,
-                 max_concurrency: int = 200) -> None:
+                 max_concurrency: int = 100, max_connections: int = 4,
+                 breaker: CircuitBreaker | None = None) -> None:
         """Authenticate with the pass certificate (TLS client auth, Apple's documented
-        way) or, given ``token_key``, with a .p8 token of the same team."""
+        way) or, given ``token_key``, with a .p8 token of the same team.
+
+        ``max_concurrency`` caps streams per connection (the server's own limit, which
+        APNs announces in its SETTINGS, applies too); a further connection, up to
+        ``max_connections``, opens only while every open one is full. 100 streams per
+        connection, like httpcore: h2 counts a connection's open streams one by one for
+        every new stream, so a CPU-bound sender does better with several connections of
+        100 than with one of 1,000, and against the real APNs, where the round trip sets
+        the pace, 4 x 100 streams in flight carry several thousand pushes/s."""
         if token_key is None and (certificate is None or private_key is None):
             raise ApnsError("APNs needs the pass certificate and key, or a .p8 token key")
-        if max_concurrency < 1:
-            raise ApnsError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if max_concurrency < 1 or max_connections < 1:
+            raise ApnsError(f"max_concurrency and max_connections must be at least 1, got "
+                            f"{max_concurrency} and {max_connections}")
         self.base_url = _check_url(base_url)
         parts = urlsplit(self.base_url)
-        self._host = (parts.hostname or "").encode("idna")
+        self._host = parts.hostname or ""
         self._port = parts.port or 443
         self._authority = parts.netloc.encode("idna")
-        timeouts = {"connect": timeout, "read": timeout, "write": timeout, "pool": timeout}
-        self._extensions: dict[str, object] = {"timeout": timeouts}
         self._token_key = token_key
         if token_key is not None:
             self.fingerprint = token_key.fingerprint
-            ssl_context = _ssl_context(None, None, ca_file)
+            self._ssl = _ssl_context(None, None, ca_file)
         else:
             assert certificate is not None and private_key is not None
             self.fingerprint = certificate.fingerprint(hashes.SHA256())
-            ssl_context = _ssl_context(certificate, private_key, ca_file)
+            self._ssl = _ssl_context(certificate, private_key, ca_file)
+        self._ssl.set_alpn_protocols(["h2"])  # APNs speaks only HTTP/2
         self._timeout = timeout
-        self._max_concurrency = max_concurrency
+        self._max_streams = max_concurrency
+        self._max_connections = max_connections
+        self.breaker = breaker or CircuitBreaker()
 
         self._pid = os.getpid()
         self._lock = threading.Condition()
         self._closed = False
         self._in_flight = 0  # push() calls running, so close() can let them finish
-        self._healthy = False  # the last request got an HTTP answer: the connection works
+        self._connections: list[_Connection] = []
+        self._opening: asyncio.Future[_Connection] | None = None
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
         self._loop = asyncio.new_event_loop()
         uid = (certificate_uid(certificate) if certificate is not None else None) \
@@ -182,19 +468,15 @@ class ApnsClient:
         # Daemon: a process that forgets close() still exits.
         self._thread = threading.Thread(target=self._run_loop, name=f"apns:{uid}", daemon=True)
         self._thread.start()
-        try:
-            self._http, self._semaphore = self._call(self._open(ssl_context)).result()
-        except BaseException:
-            self._stop_loop()
-            raise
 
     # -- public ----------------------------------------------------------------------------
 
     def push(self, topic: str, tokens: Sequence[str]) -> list[PushResult]:
-        """One push per token, concurrently over the open connection; results in token order.
+        """One push per token, concurrently over the open connection(s); results in token
+        order.
 
-        Per-token failures (HTTP errors, timeouts, a refused TLS handshake) come back as
-        PushResults; nothing here raises for them.
+        Per-token failures (HTTP errors, timeouts, a refused TLS handshake, a paused
+        circuit breaker) come back as PushResults; nothing here raises for them.
         """
         tokens = list(tokens)
         if not tokens:
@@ -225,6 +507,10 @@ class ApnsClient:
                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         return results
 
+    def problem(self) -> ApnsProblem | None:
+        """Set while connecting fails (see :class:`CircuitBreaker`)."""
+        return self.breaker.problem()
+
     def close(self) -> None:
         """Let running push() calls finish, close the connections, stop the thread."""
         with self._lock:
@@ -233,7 +519,7 @@ class ApnsClient:
             self._closed = True
             self._lock.wait_for(lambda: self._in_flight == 0, timeout=self._timeout + 5)
         try:
-            self._call(self._http.aclose()).result(timeout=self._timeout + 5)
+            self._call(self._close_all()).result(timeout=self._timeout + 5)
         except Exception as exc:  # noqa: BLE001 - closing must not fail the caller
             log.warning("APNs client close: %s", _describe(exc))
         finally:
@@ -272,74 +558,136 @@ class ApnsClient:
         if not self._thread.is_alive():
             self._loop.close()
 
-    async def _open(self, ssl_context: ssl.SSLContext
-                    ) -> tuple[httpcore.AsyncConnectionPool, asyncio.Semaphore]:
-        # Created on the loop that uses them. httpx's transport layer, httpcore, is used
-        # directly: httpx's client layer (URL parsing, cookies, redirects, hooks) cost
-        # ~35% of each push and APNs needs none of it. http1=False: APNs speaks only
-        # HTTP/2, and ALPN then offers just "h2". One origin = one multiplexed
-        # connection; keepalive_expiry=None keeps it open between calls (APNs closes
-        # idle ones itself, and a request on a closed one is retried once below).
-        pool = httpcore.AsyncConnectionPool(ssl_context=ssl_context, http1=False, http2=True,
-                                            keepalive_expiry=None)
-        return pool, asyncio.Semaphore(self._max_concurrency)
+    async def _close_all(self) -> None:
+        connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+        if connections:  # let the transports send GOAWAY and finish their TLS shutdown
+            await asyncio.wait([c.closed for c in connections], timeout=2)
+        for connection in connections:
+            if not connection.closed.done() and connection.transport is not None:
+                connection.transport.abort()
 
     async def _push_all(self, topic: str, tokens: list[str]) -> list[PushResult]:
-        probe = next((i for i, t in enumerate(tokens) if _TOKEN.match(t)), None)
-        if self._healthy or probe is None:
-            return list(await asyncio.gather(*(self._push_one(topic, t) for t in tokens)))
-        # No working connection yet: one request opens it. If that fails (TLS refused,
-        # host down), every token shares its fate: opening one connection per token
-        # would look like a denial-of-service attack to APNs.
-        first = await self._push_one(topic, tokens[probe])
-        if first.status is None:
-            return [first if i == probe
-                    else PushResult(t, None, first.reason, None) if _TOKEN.match(t)
-                    else _not_hex(t) for i, t in enumerate(tokens)]
-        rest = iter(await asyncio.gather(*(self._push_one(topic, t)
-                                           for i, t in enumerate(tokens) if i != probe)))
-        return [first if i == probe else next(rest) for i in range(len(tokens))]
+        base = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", self._authority)]
+        extra = [(b"apns-topic", topic.encode()), (b"content-length", _BODY_LENGTH)]
+        if self._token_key is not None:
+            extra.append((b"authorization", b"bearer " + self._token_key.bearer().encode()))
+        return list(await asyncio.gather(*(self._push_one(base, extra, t) for t in tokens)))
 
-    async def _push_one(self, topic: str, token: str) -> PushResult:
+    async def _push_one(self, base: list[tuple[bytes, bytes]],
+                        extra: list[tuple[bytes, bytes]], token: str) -> PushResult:
         if not _TOKEN.match(token):
             return _not_hex(token)
-        url = httpcore.URL(scheme=b"https", host=self._host, port=self._port,
-                           target=b"/3/device/" + token.encode())
-        headers = [(b"host", self._authority), (b"apns-topic", topic.encode()),
-                   (b"content-length", _BODY_LENGTH)]
-        if self._token_key is not None:
-            headers.append((b"authorization", b"bearer " + self._token_key.bearer().encode()))
-        async with self._semaphore:
-            for attempt in (1, 2):
-                was_healthy = self._healthy
-                try:
-                    response = await self._http.request("POST", url, headers=headers,
-                                                        content=_BODY,
-                                                        extensions=self._extensions)
-                except httpcore.TimeoutException as exc:
-                    return self._transport_failure(token, exc, not was_healthy)
-                except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
-                    # A connection that worked may have been closed by APNs while idle
-                    # (GOAWAY): one more try opens a new one. A duplicate pass-update
-                    # push is harmless: the device just asks what changed.
-                    if attempt == 1 and was_healthy:
-                        continue
-                    return self._transport_failure(token, exc, not was_healthy)
-                except Exception as exc:  # noqa: BLE001 - per-token failures never raise
-                    log.warning("APNs token %s…: unexpected %s", _short(token), _describe(exc))
-                    return self._transport_failure(token, exc, not was_healthy)
-                self._healthy = True
-                return _result(token, response)
+        # Never indexed: each path is used once, so adding it to the HPACK table would
+        # only cost time and evict the headers that repeat (topic, authority).
+        headers = [*base, NeverIndexedHeaderTuple(b":path", b"/3/device/" + token.encode()),
+                   *extra]
+        for attempt in (1, 2):
+            try:
+                connection = await self._slot()
+            except (ConnectError, CircuitOpen) as exc:
+                return PushResult(token, None, str(exc)[:_REASON_LIMIT], None)
+            worked = connection.answered
+            try:
+                status, apns_id, body = await connection.send(headers, self._timeout)
+            except TimeoutError:
+                return self._failure(token, f"ReadTimeout: no answer within "
+                                            f"{self._timeout:g} s")
+            except ConnectionLost as exc:
+                # A connection that worked may have been closed by APNs (GOAWAY when idle
+                # or being restarted): one more try on a new one. A duplicate pass-update
+                # push is harmless: the device just asks what changed.
+                if attempt == 1 and worked:
+                    continue
+                return self._failure(token, _failure_reason(exc, fresh=not worked))
+            finally:
+                connection.release()
+            return _result(token, status, apns_id, body)
         raise AssertionError("unreachable")
 
-    def _transport_failure(self, token: str, exc: Exception, fresh: bool) -> PushResult:
-        self._healthy = False
-        if isinstance(exc, httpcore.TimeoutException):  # its inner error says nothing useful
-            reason = f"{type(exc).__name__}: no answer within {self._timeout:g} s"
-        else:
-            reason = _failure_reason(exc, fresh)
+    def _failure(self, token: str, reason: str) -> PushResult:
         log.debug("APNs token %s…: %s", _short(token), reason)
-        return PushResult(token, None, reason, None)
+        return PushResult(token, None, reason[:_REASON_LIMIT], None)
+
+    async def _slot(self) -> _Connection:
+        """A connection with a free stream (counted as taken). Opens one if none is open
+        (or all are full, up to max_connections), through the circuit breaker: every
+        push waiting for that connection shares its fate, so a refused certificate costs
+        one handshake, not one per push."""
+        while True:
+            for connection in self._connections:
+                if connection.has_room():
+                    connection.in_flight += 1
+                    return connection
+            usable = sum(c.usable for c in self._connections)
+            if self._opening is None and usable < self._max_connections:
+                if self.breaker.allows():
+                    self._opening = asyncio.ensure_future(self._open())
+                    self._opening.add_done_callback(self._opened)
+                elif not usable:
+                    raise self.breaker._open_error()
+            if self._opening is not None and not usable:
+                await asyncio.shield(self._opening)  # its failure is this push's failure
+                continue
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+
+    async def _open(self) -> _Connection:
+        self.breaker.attempts += 1
+        connected = False
+        try:
+            _, connection = await asyncio.wait_for(self._loop.create_connection(
+                lambda: _Connection(self), self._host, self._port, ssl=self._ssl,
+                server_hostname=self._host), self._timeout)
+            assert isinstance(connection, _Connection)
+            connected = True
+            try:
+                # The server's SETTINGS: it accepted our certificate (with TLS 1.3 a
+                # refusal arrives only after the client's side of the handshake ended).
+                await asyncio.wait_for(asyncio.shield(connection.settled), self._timeout)
+            except BaseException:
+                connection.close()
+                raise
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - reported through the breaker
+            if isinstance(exc, asyncio.TimeoutError):
+                reason = f"ConnectTimeout: no answer within {self._timeout:g} s"
+            else:
+                reason = _failure_reason(exc, fresh=connected)
+                if "TLS" not in reason:
+                    reason = f"ConnectError ({reason})"
+            self.breaker.failed(reason)
+            raise ConnectError(reason[:_REASON_LIMIT]) from None
+        self.breaker.succeeded()
+        self._connections.append(connection)
+        return connection
+
+    def _opened(self, future: asyncio.Future[_Connection]) -> None:
+        self._opening = None
+        if not future.cancelled():
+            future.exception()  # retrieved here; the pushes waiting on it read it too
+        self._wake_all()
+
+    def _lost(self, connection: _Connection) -> None:
+        if connection in self._connections:
+            self._connections.remove(connection)
+        self._wake_all()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class ApnsPool:
@@ -396,22 +744,20 @@ def _not_hex(token: str) -> PushResult:
     return PushResult(token, 400, "BadDeviceToken", None)
 
 
-def _result(token: str, response: httpcore.Response) -> PushResult:
-    headers = dict(response.headers)  # names arrive lower-case over HTTP/2
-    apns_id = headers.get(b"apns-id", b"").decode("ascii", "replace") or None
-    if response.status == 200:
+def _result(token: str, status: int, apns_id: str | None, content: bytes) -> PushResult:
+    if status == 200:
         return PushResult(token, 200, None, apns_id)
     reason: str | None = None
     try:
-        body = json.loads(response.content or b"null")
+        body = json.loads(content or b"null")
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("reason"), str):
         reason = body["reason"]
-    elif response.content:
-        reason = response.content[:_REASON_LIMIT].decode("utf-8", "replace")
-    log.debug("APNs token %s…: %d %s", _short(token), response.status, reason)
-    return PushResult(token, response.status, reason, apns_id)
+    elif content:
+        reason = content[:_REASON_LIMIT].decode("utf-8", "replace")
+    log.debug("APNs token %s…: %d %s", _short(token), status, reason)
+    return PushResult(token, status, reason, apns_id)
 
 
 def _ssl_context(certificate: x509.Certificate | None,
@@ -474,7 +820,7 @@ def _check_url(base_url: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     """One short line: the exception type and the innermost error that says what happened
-    (httpcore wraps anyio's, which wraps the ssl or socket error)."""
+    (ours wrap the ssl or socket error)."""
     inner: BaseException | None = exc
     detail = ""
     seen: set[int] = set()
@@ -492,13 +838,12 @@ def _failure_reason(exc: BaseException, fresh: bool) -> str:
     text = _describe(exc)
     if "alert" in text.lower():
         return f"TLS refused by APNs, check the Pass Type ID certificate: {text}"[:_REASON_LIMIT]
-    if fresh and isinstance(exc, httpcore.ReadError | httpcore.WriteError
-                            | httpcore.RemoteProtocolError):
+    if fresh and isinstance(exc, ConnectionLost | ConnectionError | EOFError):
         # TLS 1.3 ends the handshake before the server has judged our certificate: a
-        # refused one shows up as the new connection being reset on first use.
+        # refused one shows up as the new connection being dropped before it answers.
         return (f"TLS connection dropped right after the handshake (is the Pass Type ID "
                 f"certificate refused?): {text}")[:_REASON_LIMIT]
-    return text
+    return text[:_REASON_LIMIT]
 
 
 def _short(token: str) -> str:

@@ -133,7 +133,7 @@ def certs_dev(pass_type_identifier: str, team_identifier: str, overwrite: bool) 
 def certs_check() -> None:
     """Verify key/certificate pairs, pass type ids, chains and expiry."""
     _ensure_migrated()
-    errors, warnings = readiness.check_certificates(services())
+    errors, warnings = readiness.check_certificates(services(), apns=True)
     for line in warnings:
         click.secho(f"warning: {line}", fg="yellow", err=True)
     for line in errors:
@@ -1370,9 +1370,10 @@ def cards() -> None:
 def cards_timeline(serial: str) -> None:
     """A card's diagnostic timeline: versions, devices, pushes and Wallet's log lines."""
     _ensure_migrated()
+    keep_days = retention.effective_days(services().settings.retention)["push_attempts"]
     with services().db.session() as session:
         try:
-            entries = diagnostics.timeline(session, serial)
+            entries = diagnostics.timeline(session, serial, keep_days)
         except LookupError as exc:
             fail(str(exc))
     for entry in entries:

@@ -313,11 +313,17 @@ def certificate_statuses(session: Session, services: Services, tenant_id: int,
             warn_days=settings.cert_warn_days, now=now)
         expires_at = _not_after(Path(settings.certs_path), identity, password)
         days_left = None if expires_at is None else (expires_at - now).days
-        level = ("error" if any(p.level == "error" for p in problems)
+        messages = [_relative(p.message, settings.certs_path) for p in problems]
+        failing = identity.apns_failing_since is not None
+        if failing:  # recorded by the push workers' circuit breaker (app/pushes.py)
+            messages.insert(0, f"APNs connections fail since "
+                               f"{identity.apns_failing_since:%Y-%m-%d %H:%M} UTC; pushes "
+                               f"are paused and retried by themselves: {identity.apns_problem}")
+        level = ("error" if failing or any(p.level == "error" for p in problems)
                  else "warning" if problems else "ok")
         result.append(CertificateStatus(
-            identity.pass_type_identifier, expires_at, days_left, level,
-            [_relative(p.message, settings.certs_path) for p in problems], _apns_auth(identity)))
+            identity.pass_type_identifier, expires_at, days_left, level, messages,
+            _apns_auth(identity)))
     return result
 
 

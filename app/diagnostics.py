@@ -1,7 +1,10 @@
 """A card's diagnostic timeline, for "my card does not update" investigations.
 
-Merges, in time order: the card's current version, install events, push
-outcomes and the lines Wallet posted to /v1/log that name the card.
+Merges, in time order: the card's current version, install events, push jobs,
+per-device push outcomes, the lines Wallet posted to /v1/log that name the card,
+and, while the push workers cannot connect to APNs with the card's certificate,
+that problem. Push outcomes and finished jobs are a window (app/retention.py,
+`passerelle prune`): the timeline says how long it is.
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Card, DeviceLog, InstallEvent, PushAttempt, PushJob, Registration
+from app.models import (
+    AppleIdentity,
+    Card,
+    DeviceLog,
+    InstallEvent,
+    PushAttempt,
+    PushJob,
+    Registration,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -26,7 +38,9 @@ def _device(device: str | None) -> str:
     return (device or "?")[:8] + "…"  # enough to tell devices apart, not to replay
 
 
-def timeline(session: Session, serial: str) -> list[Entry]:
+def timeline(session: Session, serial: str, keep_days: int = 30) -> list[Entry]:
+    """Everything known about one card, oldest first; ``keep_days`` is the
+    retention of push outcomes (0: kept forever)."""
     card = session.scalar(select(Card).where(Card.serial_number == serial))
     if card is None:
         raise LookupError(f"no card with serial {serial!r}")
@@ -51,4 +65,15 @@ def timeline(session: Session, serial: str) -> list[Entry]:
                              .rstrip()))
     for log in session.scalars(select(DeviceLog).where(DeviceLog.card_id == card.id)):
         entries.append(Entry(log.received_at, "wallet log", log.message))
-    return sorted(entries, key=lambda e: e.at)
+    identity = session.scalar(select(AppleIdentity).where(
+        AppleIdentity.pass_type_identifier == card.program.pass_type_identifier))
+    if identity is not None and identity.apns_failing_since is not None:
+        entries.append(Entry(identity.apns_failing_since, "apns down",
+                             f"connections with the certificate fail, pushes paused and "
+                             f"retried: {identity.apns_problem}"))
+    entries.sort(key=lambda e: e.at)
+    window = utcnow() - dt.timedelta(days=keep_days)
+    if keep_days and card.created_at < window:
+        entries.insert(0, Entry(window, "history", f"push outcomes are kept "
+                                                   f"{keep_days} days (passerelle prune)"))
+    return entries

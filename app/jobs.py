@@ -1,4 +1,5 @@
-"""Background jobs on Huey: one delivery task and one per-minute sweeper per outbox.
+"""Background jobs on Huey: one delivery task and one per-minute sweeper per outbox
+(push jobs are drained in batches rather than delivered one task per row).
 
 Embedded default: a SQLite-backed queue in the instance folder, no server to
 run. With ``PASSERELLE_REDIS_URL`` set, the queue lives in Redis and any
@@ -27,13 +28,12 @@ from app.crm import outbox as crm_outbox
 
 log = logging.getLogger(__name__)
 
+#: Drain tasks started at once for a large dispatch: enough to keep every thread of a
+#: couple of worker processes busy, each chain claiming its own batches.
+DRAIN_CHAINS = 4
+
 #: What one attempt says: its state, seconds until a retry is due, rows it unblocked.
 Attempt = tuple[str, "float | None", Iterable[int]]
-
-
-def _push(services: Any, job_id: int) -> Attempt:
-    result = pushes.deliver(services, job_id)
-    return result.state, result.retry_in, ()
 
 
 def _webhook(services: Any, delivery_id: int) -> Attempt:
@@ -78,8 +78,7 @@ class JobQueue:
         self.huey: Huey = make_huey(settings)
         self._services_factory = services_factory
         self._services: object | None = None
-        self.deliver_push, self.sweep_push_jobs = self._durable(
-            "deliver_push", "sweep_push_jobs", "push jobs", _push, pushes.due_jobs)
+        self.drain_push_jobs, self.sweep_push_jobs = self._push_tasks()
         self.deliver_webhook, self.sweep_webhooks = self._durable(
             "deliver_webhook", "sweep_webhooks", "webhook deliveries", _webhook,
             webhooks_out.due_deliveries)
@@ -136,6 +135,37 @@ class JobQueue:
 
         return deliver, sweep
 
+    def _push_tasks(self) -> tuple[TaskWrapper, TaskWrapper, TaskWrapper]:
+        """Pushes are drained, not delivered one by one: a task claims a batch of due
+        jobs (any jobs, not named ones), delivers it, and queues its successor while
+        batches come back full, so the work keeps moving between worker threads and
+        processes. The per-minute sweeper is the safety net, as for every outbox."""
+
+        @self.huey.task(name="drain_push_jobs")
+        def drain() -> int:
+            result = pushes.drain(self.services, max_batches=1)
+            if result.more:
+                drain()
+            if result.retry_in is not None:
+                drain.schedule(delay=max(result.retry_in, 1.0))
+            return result.jobs
+
+        @self.huey.periodic_task(crontab(minute="*"), name="sweep_push_jobs")
+        def sweep() -> int:
+            due = pushes.due_jobs(self.services, limit=pushes.BATCH)
+            if due:
+                self._drain(len(due))
+                log.info("re-queued %d push jobs", len(due))
+            return len(due)
+
+        return drain, sweep
+
+    def _drain(self, jobs: int) -> None:
+        """Start enough drain chains for ``jobs`` new jobs (each claims BATCH at a time)."""
+        chains = min(-(-jobs // pushes.BATCH), DRAIN_CHAINS)
+        for _ in range(max(chains, 1)):
+            self.drain_push_jobs()
+
     @property
     def services(self) -> object:
         if self._services is None:
@@ -152,7 +182,14 @@ class JobQueue:
                 log.exception("could not queue %s %s; the sweeper will retry", what, row_id)
 
     def dispatch(self, job_ids: list[int]) -> None:
-        self._queue("deliver_push", job_ids, "push job")
+        """New push jobs committed: drain them (the ids only say how many there are)."""
+        if not job_ids:
+            return
+        try:
+            self._drain(len(job_ids))
+        except Exception:  # noqa: BLE001 - the sweeper will find the rows
+            log.exception("could not queue a drain of %d push jobs; the sweeper will retry",
+                          len(job_ids))
 
     def dispatch_crm(self, entry_ids: list[int]) -> None:
         self._queue("deliver_crm_write", entry_ids, "CRM write")

@@ -138,6 +138,12 @@ class AppleIdentity(TenantOwned, Base):
     apns_key_file: Mapped[str | None] = mapped_column(String(500))
     apns_key_id: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    # Written by the push workers while connecting to APNs with this identity fails (a
+    # refused certificate, APNs unreachable), cleared once a connection works again:
+    # what `certs check`, /healthz and the dashboard report (app/pushes.py).
+    apns_failing_since: Mapped[dt.datetime | None]
+    apns_problem: Mapped[str | None] = mapped_column(String(200))
+    apns_next_attempt_at: Mapped[dt.datetime | None]
 
     tenant: Mapped[Tenant] = relationship(back_populates="apple_identities")
 

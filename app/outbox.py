@@ -127,6 +127,27 @@ def claim(session: Session, model: Any, row_id: int, now: dt.datetime, lease: dt
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+def claim_batch(session: Session, model: Any, now: dt.datetime, lease: dt.timedelta,
+                limit: int, *extra: ColumnElement[bool]) -> list[int]:
+    """Take up to ``limit`` claimable rows (oldest first) for one lease, counting an
+    attempt on each, in one statement, and commit; their ids, ascending.
+
+    PostgreSQL: the candidates are locked ``FOR UPDATE SKIP LOCKED``, so concurrent
+    workers each get other rows instead of queueing on the same ones (and a row another
+    worker claimed meanwhile fails the re-checked condition). SQLite runs one writer at
+    a time, so the same UPDATE needs no locking clause there."""
+    candidates = (select(model.id).where(*claimable(model, now), *extra)
+                  .order_by(model.id).limit(limit))
+    if session.get_bind().dialect.name == "postgresql":
+        candidates = candidates.with_for_update(skip_locked=True)
+    claimed = session.scalars(
+        update(model).where(model.id.in_(candidates.scalar_subquery()))
+        .values(claimed_until=now + lease, attempts=model.attempts + 1)
+        .returning(model.id).execution_options(synchronize_session=False)).all()
+    session.commit()
+    return sorted(claimed)
+
+
 def due_ids(session: Session, model: Any, now: dt.datetime, quiet_for: dt.timedelta,
             limit: int, *extra: ColumnElement[bool]) -> list[int]:
     """Rows that should be running but are queued nowhere we can see: never delivered

@@ -43,8 +43,13 @@ class Check:
     required: bool = True
 
 
-def check_certificates(services: Services) -> tuple[list[str], list[str]]:
-    """Every registered identity and every program's pass type: (errors, warnings)."""
+def check_certificates(services: Services, *, apns: bool = False
+                       ) -> tuple[list[str], list[str]]:
+    """Every registered identity and every program's pass type: (errors, warnings).
+
+    ``apns``: also report certificates the push workers cannot connect to APNs with
+    (`certs check` does; ``/readyz`` does not: web processes serve fine meanwhile,
+    and ``/healthz/pushes`` reports it)."""
     from app.services import identity_password
 
     errors: list[str] = []
@@ -54,6 +59,8 @@ def check_certificates(services: Services) -> tuple[list[str], list[str]]:
         programs = session.scalars(select(Program)).all()
         known = {i.pass_type_identifier for i in identities}
         for identity in identities:
+            if apns and identity.apns_failing_since is not None:
+                errors.append(apns_status_line(identity))
             try:
                 password = identity_password(identity)
             except certs.CertificateError as exc:
@@ -70,6 +77,15 @@ def check_certificates(services: Services) -> tuple[list[str], list[str]]:
                 errors.append(f"program {program.slug!r}: no certificate registered for "
                               f"{program.pass_type_identifier!r}")
     return errors, warnings
+
+
+def apns_status_line(identity: AppleIdentity) -> str:
+    """What the push workers' circuit breaker recorded for this identity."""
+    next_at = identity.apns_next_attempt_at
+    return (f"{identity.pass_type_identifier}: APNs connections fail since "
+            f"{identity.apns_failing_since:%Y-%m-%d %H:%M} UTC, pushes are paused"
+            + (f" (next attempt {next_at:%H:%M:%S} UTC)" if next_at else "")
+            + f": {identity.apns_problem}")
 
 
 def certificate_expiry(services: Services) -> list[tuple[str, dt.datetime]]:

@@ -47,6 +47,8 @@ class Policy:
     age: Any  # the column whose age counts
     days: int  # default; 0 = keep forever
     why: str
+    #: Overrides below this are refused (0, keep forever, is always allowed).
+    minimum: int = 1
     extra: Callable[[], list[ColumnElement[bool]]] = field(default=lambda: [])
 
     def conditions(self, cutoff: dt.datetime) -> list[ColumnElement[bool]]:
@@ -57,11 +59,11 @@ class Policy:
 #: settings table and docs/operations.md repeat these numbers.
 POLICIES: tuple[Policy, ...] = (
     Policy("push_attempts", PushAttempt, PushAttempt.attempted_at, 30,
-           "per-device push outcomes for support timelines"),
+           "per-device push outcomes for support timelines", minimum=8),
     Policy("device_logs", DeviceLog, DeviceLog.received_at, 30,
            "messages Wallet posts to /log, for support"),
-    Policy("push_jobs", PushJob, PushJob.done_at, 7,
-           "finished push and Google update jobs"),
+    Policy("push_jobs", PushJob, PushJob.done_at, 8,
+           "finished push and Google update jobs", minimum=8),
     Policy("webhook_deliveries", WebhookDelivery, WebhookDelivery.done_at, 30,
            "finished webhook deliveries and their attempts (redelivery window)"),
     Policy("crm_outbox", CrmOutboxEntry, CrmOutboxEntry.done_at, 30, "finished CRM writes"),
@@ -82,7 +84,7 @@ POLICIES: tuple[Policy, ...] = (
 
 def parse_overrides(text: str) -> dict[str, int]:
     """``"push_attempts=14, device_logs=7"`` → days per table (0 = keep forever)."""
-    known = {p.name for p in POLICIES}
+    known = {p.name: p for p in POLICIES}
     overrides: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, days = part.partition("=")
@@ -97,6 +99,10 @@ def parse_overrides(text: str) -> dict[str, int]:
                              f"number") from None
         if overrides[name] < 0:
             raise ValueError(f"PASSERELLE_RETENTION: {part!r}: days cannot be negative")
+        if 0 < overrides[name] < known[name].minimum:
+            raise ValueError(f"PASSERELLE_RETENTION: {part!r}: at least "
+                             f"{known[name].minimum} days (the dashboard's health page reads "
+                             f"the last 7), or 0 to keep forever")
     return overrides
 
 

@@ -91,6 +91,9 @@ class ApnsStandin:
     #: A request with ``authorization: bearer <JWT>`` is checked against these.
     token_keys: dict[str, tuple[str, object, set[str]]] = field(default_factory=dict)
     received: list[Received] = field(default_factory=list)
+    #: While True, every TLS handshake is refused as APNs refuses a revoked or foreign
+    #: certificate: client certificates are checked against a CA that issued none of them.
+    refuse_client_certificates: bool = False
     #: TLS handshakes begun (ClientHellos seen) and connections that completed one: the
     #: difference is handshakes refused, e.g. a client certificate from another CA.
     handshakes_started: int = 0
@@ -202,6 +205,14 @@ class ApnsStandin:
             context.load_verify_locations(cafile=str(ca))
         context.set_alpn_protocols(["h2"])
         context.sni_callback = self._hello
+        # The same server, trusting only a CA that issued no client certificate.
+        refusing = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        refusing.minimum_version = ssl.TLSVersion.TLSv1_2
+        refusing.load_cert_chain(directory / "server.pem", directory / "server-key.pem")
+        refusing.verify_mode = ssl.CERT_REQUIRED
+        refusing.load_verify_locations(cadata=_server_certificates()[0].decode())
+        refusing.set_alpn_protocols(["h2"])
+        self._refusing = refusing
         return context
 
     async def _listen(self, context: ssl.SSLContext) -> asyncio.base_events.Server:
@@ -220,6 +231,8 @@ class ApnsStandin:
                context: ssl.SSLContext) -> None:
         # OpenSSL calls this for every ClientHello, with or without SNI.
         self.handshakes_started += 1
+        if self.refuse_client_certificates:
+            sslobj.context = self._refusing
 
     def _answer(self, token: str) -> Answer:
         with self._lock:

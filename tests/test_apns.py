@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from app.apns import APNS_PRODUCTION_URL, ApnsClient, ApnsError, ApnsPool, PushResult
+from app.apns import (
+    APNS_PRODUCTION_URL,
+    ApnsClient,
+    ApnsError,
+    ApnsPool,
+    CircuitBreaker,
+    PushResult,
+)
 from app.certs import SigningIdentity, load_identity, make_dev_certs
 from tests.apns_standin import ApnsStandin
 
@@ -63,7 +71,8 @@ def server(chain: DevChain) -> Iterator[ApnsStandin]:
 @pytest.fixture()
 def client(server: ApnsStandin, chain: DevChain) -> Iterator[ApnsClient]:
     with ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
-                    ca_file=server.ca_file, timeout=5.0) as apns:
+                    ca_file=server.ca_file, timeout=5.0, max_concurrency=1000,
+                    max_connections=1) as apns:
         yield apns
 
 
@@ -139,6 +148,64 @@ def test_untrusted_certificate_fails_the_handshake_not_the_caller(
     assert server.handshakes_refused == 1
 
 
+def test_refused_certificate_trips_the_breaker_until_it_is_accepted(
+        server: ApnsStandin, chain: DevChain) -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(first=5.0, ceiling=600.0, clock=lambda: now[0])
+    tokens = [_token(i) for i in range(50)]
+    server.refuse_client_certificates = True  # as APNs refuses a revoked certificate
+
+    def push() -> set[str]:
+        return {r.outcome for r in apns.push(TOPIC, tokens)}
+
+    with ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
+                    ca_file=server.ca_file, timeout=5.0, breaker=breaker) as apns:
+        assert push() == {"retry"}
+        problem = apns.problem()
+        assert problem is not None and problem.failures == 1
+        assert "TLS" in problem.reason and "certificate" in problem.reason
+        for _ in range(5):  # jobs keep coming: not one handshake more while it waits
+            assert push() == {"retry"}
+        assert server.handshakes_started == 1
+        now[0] += 4.9
+        push()
+        assert server.handshakes_started == 1
+        now[0] += 0.1  # 5 s: one attempt, refused again; now 10 s to wait
+        push()
+        assert server.handshakes_started == 2
+        now[0] += 9.9
+        push()
+        assert server.handshakes_started == 2
+        now[0] += 0.1
+        push()
+        assert server.handshakes_started == 3 and apns.problem().failures == 3  # type: ignore[union-attr]
+        paused = apns.push(TOPIC, tokens[:1])[0]
+        assert "paused" in (paused.reason or "") and "next attempt in 20 s" in paused.reason
+
+        server.refuse_client_certificates = False  # renewed upstream
+        now[0] += 20
+        assert push() == {"sent"}  # resumes by itself
+        assert apns.problem() is None and server.handshakes_started == 4
+        assert push() == {"sent"} and server.connections_opened == 1
+    assert server.received and {r.connection_id for r in server.received} == {1}
+    assert server.handshakes_refused == 3
+
+
+def test_breaker_delay_doubles_up_to_its_ceiling() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(first=5.0, ceiling=60.0, clock=lambda: now[0])
+    delays = []
+    for _ in range(6):
+        breaker.failed("refused")
+        delays.append(breaker.retry_in())
+        assert not breaker.allows()
+        now[0] += delays[-1]
+        assert breaker.allows()
+    assert delays == [5, 10, 20, 40, 60, 60]
+    breaker.succeeded()
+    assert breaker.allows() and breaker.problem() is None
+
+
 def test_unreachable_server_is_a_retry(chain: DevChain, tmp_path: Path) -> None:
     with ApnsStandin([chain.root_ca, chain.wwdr]) as standin:
         url, ca = standin.url, tmp_path / "ca.pem"
@@ -176,6 +243,24 @@ def test_500_pushes_multiplex_over_one_connection(server: ApnsStandin,
     assert server.connection_ids() == {1}
     assert server.connections_opened == 1
     assert server.max_in_flight >= 10  # truly concurrent streams, not one after another
+
+
+def test_a_full_connection_gets_company_up_to_the_limit(server: ApnsStandin,
+                                                        chain: DevChain) -> None:
+    tokens = [_token(i) for i in range(400)]
+    for token in tokens:  # held back, so every stream stays open until all are sent
+        server.script[token] = [(200, None, 0.3)]
+    with ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
+                    ca_file=server.ca_file, timeout=5.0, max_concurrency=100,
+                    max_connections=3) as apns:
+        results = apns.push(TOPIC, tokens)
+        assert {r.outcome for r in results} == {"sent"}
+        assert server.connections_opened == 3  # 100 streams each, no fourth
+        apns.push(TOPIC, [_token(1000)])
+        assert server.connections_opened == 3  # kept open between calls
+    by_connection = Counter(r.connection_id for r in server.received)
+    assert sorted(by_connection) == [1, 2, 3] and sum(by_connection.values()) == 401
+    assert server.max_in_flight == 100  # per connection: the cap, never more
 
 
 def test_consecutive_calls_reuse_the_connection(server: ApnsStandin,

@@ -149,6 +149,10 @@ def test_retention_is_set_per_table(services, history) -> None:  # type: ignore[
         retention.effective_days("device_logs=soon")
     with pytest.raises(ValueError, match="negative"):
         retention.effective_days("device_logs=-1")
+    # Never below the week the dashboard's health page reads; 0 keeps forever.
+    with pytest.raises(ValueError, match="at least 8 days"):
+        retention.effective_days("push_attempts=7")
+    assert retention.effective_days("push_attempts=0, push_jobs=8")["push_jobs"] == 8
 
 
 def test_prune_command_reports_per_table_and_refuses_bad_settings(runner, services, history):  # type: ignore[no-untyped-def]

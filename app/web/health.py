@@ -1,4 +1,5 @@
-"""Liveness for load balancers (200 when the database answers), and the site icon."""
+"""Liveness for load balancers (200 when the database answers), push health for
+monitoring (APNs reachable with every certificate), and the site icon."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from functools import cache
 
 from flask import Blueprint, Response, jsonify
 from PIL import Image
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.models import AppleIdentity
 from app.web import services
 from app.web.errors import problem
 
@@ -24,6 +26,24 @@ def healthz():  # type: ignore[no-untyped-def]
     except SQLAlchemyError:
         return problem(503, "Service Unavailable", "database unreachable")
     return jsonify(status="ok", database="ok")
+
+
+@bp.get("/healthz/pushes")
+def pushes_health():  # type: ignore[no-untyped-def]
+    """For monitoring, not load balancers: 503 while the push workers cannot connect to
+    APNs with some certificate (refused, or APNs unreachable: see `passerelle certs
+    check`), 200 otherwise. Counts only: pass types are not for the public."""
+    try:
+        with services().db.engine.connect() as conn:
+            failing = conn.execute(select(func.count(AppleIdentity.id)).where(
+                AppleIdentity.apns_failing_since.is_not(None))).scalar_one()
+    except SQLAlchemyError:
+        return problem(503, "Service Unavailable", "database unreachable")
+    if failing:
+        return problem(503, "Service Unavailable",
+                       f"APNs connections fail for {failing} certificate(s); pushes are "
+                       f"paused and retried (passerelle certs check)")
+    return jsonify(status="ok", apns="ok")
 
 
 @cache
