@@ -93,14 +93,6 @@ class JobQueue:
         self.prune = self.huey.periodic_task(crontab(minute="17", hour="3"), name="prune")(
             self._prune)
 
-    def _prune(self) -> dict[str, int]:
-        """Daily retention (app/retention.py): every worker runs it; the deletes are
-        batched and idempotent, so two workers at once only share the work."""
-        settings = self.services.settings  # type: ignore[attr-defined]
-        deleted = retention.prune(self.services.db, settings.retention)  # type: ignore[attr-defined]
-        log.info("pruned %s", ", ".join(f"{t} {n}" for t, n in deleted.items() if n) or "nothing")
-        return deleted
-
         @self.huey.periodic_task(crontab(minute="23"), name="forget_form_submissions")
         def forget_form_submissions() -> int:
             """Hourly: form submission ids whose pages can no longer be posted."""
@@ -109,6 +101,14 @@ class JobQueue:
             return enrollment.forget_submissions(self.services)  # type: ignore[arg-type]
 
         self.forget_form_submissions = forget_form_submissions
+
+    def _prune(self) -> dict[str, int]:
+        """Daily retention (app/retention.py): every worker runs it; the deletes are
+        batched and idempotent, so two workers at once only share the work."""
+        settings = self.services.settings  # type: ignore[attr-defined]
+        deleted = retention.prune(self.services.db, settings.retention)  # type: ignore[attr-defined]
+        log.info("pruned %s", ", ".join(f"{t} {n}" for t, n in deleted.items() if n) or "nothing")
+        return deleted
 
     def _durable(self, task_name: str, sweep_name: str, what: str,
                  attempt: Callable[[Any, int], Attempt],

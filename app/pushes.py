@@ -137,13 +137,14 @@ def drain(services: Services, max_batches: int | None = None,
     """Claim due jobs batch after batch and deliver them, until none is due."""
     result = Drained()
     batches = 0
+    lease = dt.timedelta(seconds=services.settings.push_lease_seconds)
     while max_batches is None or batches < max_batches:
         batches += 1
         claimed = 0
         for channel, size in (("apple", batch), ("google", min(batch, GOOGLE_BATCH))):
             now = utcnow()
             with services.db.session() as session:
-                job_ids = outbox.claim_batch(session, PushJob, now, LEASE, size,
+                job_ids = outbox.claim_batch(session, PushJob, now, lease, size,
                                              PushJob.channel == channel)
             result.more = len(job_ids) == size if channel == "apple" else \
                 result.more or len(job_ids) == size

@@ -188,7 +188,7 @@ def test_api_bulk_import_refuses_bad_addresses(client, services, demo, write) ->
     lines = [json.dumps({"external_id": f"BAD-{i}", "email": BAD[name]})
              for i, name in enumerate(SOME_BAD)]
     lines.append(json.dumps({"external_id": "OK-1", "email": "ok@example.org"}))
-    response = client.post(f"{API}/customers/imports", data="\n".join(lines).encode(),
+    response = client.post(f"{API}/customer-imports", data="\n".join(lines).encode(),
                            content_type="application/x-ndjson", headers=write)
     assert response.status_code == 202
     job = client.get(response.headers["Location"], headers=write).get_json()
