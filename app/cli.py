@@ -22,6 +22,7 @@ from app import (
     links_export,
     logs,
     migrate,
+    pushes,
     readiness,
     retention,
     tenants,
@@ -1301,13 +1302,18 @@ def installs_rebuild(tenant_slug: str | None) -> None:
               help="Threads delivering jobs (pushes are I/O bound).")
 @with_appcontext
 def worker(workers: int) -> None:
-    """Run the job worker: push delivery and the outbox sweeper (Ctrl-C to stop)."""
+    """Run the job worker: push delivery and the outbox sweeper.
+
+    SIGTERM or Ctrl-C: stop taking jobs, let running ones finish (at most
+    PASSERELLE_WORKER_SHUTDOWN_SECONDS), hand back what is still in flight, exit."""
     _ensure_migrated()
     svc = services()
     _configure_logs(svc)
     where = svc.settings.redis_url or str(svc.settings.instance_path / "jobs.sqlite3")
     click.echo(f"worker: {workers} threads, queue {where}")
-    svc.jobs.consumer(workers).run()
+    svc.jobs.consumer(workers, svc.settings.worker_shutdown_seconds).run()
+    pushes.release_held(svc)  # only what outlived the shutdown timeout is left here
+    click.echo("worker: stopped")
 
 
 # -- customers -----------------------------------------------------------------------

@@ -92,6 +92,11 @@ class Settings:
     #: longer than one delivery takes (APNs answers within seconds); shorter means a
     #: crashed worker's pushes go out sooner.
     push_lease_seconds: int = 120
+    #: On SIGTERM a worker stops taking jobs and lets running ones finish for this
+    #: long; push jobs still in flight then are handed back at once (not left to their
+    #: lease). Keep it under your supervisor's stop timeout (systemd 90 s, compose 10 s
+    #: unless ``stop_grace_period`` says more).
+    worker_shutdown_seconds: int = 20
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:

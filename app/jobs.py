@@ -203,10 +203,13 @@ class JobQueue:
     def dispatch_imports(self, job_ids: list[int]) -> None:
         self._queue("run_import", job_ids, "import job")
 
-    def consumer(self, workers: int = 2):  # type: ignore[no-untyped-def]
+    def consumer(self, workers: int = 2, shutdown_seconds: float = 20.0):  # type: ignore[no-untyped-def]
+        """SIGTERM (what systemd, containers and supervisors send) stops taking tasks
+        and lets running ones finish for up to ``shutdown_seconds``; SIGINT too."""
         return self.huey.create_consumer(workers=workers, worker_type="thread", periodic=True,
                                          check_worker_health=True, initial_delay=0.05,
-                                         max_delay=1.0)
+                                         max_delay=1.0, graceful_signal="TERM",
+                                         shutdown_timeout=shutdown_seconds)
 
 
 def make_huey(settings: Settings) -> Huey:

@@ -146,15 +146,60 @@ def drain(services: Services, max_batches: int | None = None,
             with services.db.session() as session:
                 job_ids = outbox.claim_batch(session, PushJob, now, lease, size,
                                              PushJob.channel == channel)
+                _held.hold(job_ids)
             result.more = len(job_ids) == size if channel == "apple" else \
                 result.more or len(job_ids) == size
             if job_ids:
                 claimed += len(job_ids)
-                for delivery in deliver_claimed(services, job_ids, now):
-                    result.add(delivery)
+                try:
+                    for delivery in deliver_claimed(services, job_ids, now):
+                        result.add(delivery)
+                finally:
+                    _held.drop(job_ids)
         if not claimed:
             break
     return result
+
+
+class _Held:
+    """Push jobs this process has claimed and not yet finished recording."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: set[int] = set()
+
+    def hold(self, ids: Iterable[int]) -> None:
+        with self._lock:
+            self._ids.update(ids)
+
+    def drop(self, ids: Iterable[int]) -> None:
+        with self._lock:
+            self._ids.difference_update(ids)
+
+    def take_all(self) -> list[int]:
+        with self._lock:
+            ids, self._ids = sorted(self._ids), set()
+        return ids
+
+
+_held = _Held()
+
+
+def release_held(services: Services) -> int:
+    """On shutdown: give back the leases of jobs this process still holds, so another
+    worker takes them at once instead of after the lease runs out. Pushes of those
+    jobs that went out before the release are sent again (at-least-once)."""
+    ids = _held.take_all()
+    if not ids:
+        return 0
+    with services.db.session() as session:
+        released = session.execute(
+            update(PushJob).where(_among(session, PushJob.id, ids), PushJob.done_at.is_(None))
+            .values(claimed_until=None).execution_options(synchronize_session=False))
+        session.commit()
+    count: int = released.rowcount  # type: ignore[attr-defined]
+    log.warning("released %d push job(s) still in flight at shutdown", count)
+    return count
 
 
 def deliver_claimed(services: Services, job_ids: list[int], now: dt.datetime
