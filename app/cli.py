@@ -1295,11 +1295,11 @@ def customers_import(file: Path, tenant_slug: str) -> None:
         tenant_id = _tenant(session, tenant_slug).id
     total = _count_lines(file)
     with svc.db.tenant_session(tenant_id) as session, \
-            tqdm(total=total, unit="row", desc="import", disable=None) as bar:
+            tqdm(total=total, unit="row", desc="import", disable=None) as bar, \
+            updates.CardRefresher(svc, bulk.RenderPool()) as refresher:
         try:
             report = import_csv(session, tenant_id, file, progress=bar.update,
-                                on_changed=lambda s, changed: updates.customers_changed(
-                                    s, svc, changed).errors)
+                                on_changed=refresher.on_changed)
         except ImportFileError as exc:
             fail(str(exc))
     click.echo(f"{report.created} created, {report.updated} updated, "

@@ -8,6 +8,8 @@ and an unknown serial costs the same comparison as a wrong token.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import hmac
 import re
 from dataclasses import dataclass
@@ -18,7 +20,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
 from app import cards, install_state, updates
-from app.models import Card, DeviceLog, Program, Registration
+from app.models import Card, DeviceLog, Program, Registration, SignedVersion
+from app.passes.package import PassPackager
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -139,24 +142,76 @@ def serials_since(session: Session, device: str, pass_type: str,
 
 @dataclass(frozen=True)
 class LatestPass:
-    card: Card
-    render: cards.RenderedCard
+    last_modified: dt.datetime
     data: bytes | None  # None when the device already has it (304)
 
 
+_packagers: dict[str, PassPackager] = {}  # template digest -> its packager
+
+
+def signed_latest_pass(services: Services, pass_type: str, serial: str, header: str | None,
+                       if_modified_since: dt.datetime | None) -> LatestPass | None:
+    """The latest pass from its signed version: one query, no render, no signature, no
+    commit. None when there is no signed version of the card's current content (never
+    signed, or the template changed since): then :func:`latest_pass` renders it.
+
+    Raises NotAuthorized like :func:`authenticate`, in the same constant time.
+    """
+    token = parse_authorization(header)
+    cards_t, programs_t, signed_t = Card.__table__, Program.__table__, SignedVersion.__table__
+    query = (select(cards_t.c.authentication_token, cards_t.c.content_hash,
+                    cards_t.c.last_modified, programs_t.c.template, signed_t.c.content_hash,
+                    signed_t.c.pass_json, signed_t.c.signature)
+             .select_from(cards_t.join(programs_t, programs_t.c.id == cards_t.c.program_id)
+                          .outerjoin(signed_t, signed_t.c.card_id == cards_t.c.id))
+             .where(cards_t.c.serial_number == serial,
+                    programs_t.c.pass_type_identifier == pass_type))
+    with services.db.engine.connect() as connection:
+        row = connection.execute(query).first()
+    expected = row[0] if row is not None else _DUMMY_TOKEN
+    matches = hmac.compare_digest(expected.encode(), (token or "").encode())
+    if row is None or token is None or not matches:
+        raise NotAuthorized()
+    _, content_hash, last_modified, template_name, signed_hash, pass_json, signature = row
+    if signed_hash is None or signed_hash != content_hash:
+        return None
+    template = services.templates.get(template_name)
+    # The template's files are part of the content hash: a changed template on disk
+    # makes the stored pass.json stale, and the slow path renders the new content.
+    if hashlib.sha256(template.digest.encode() + pass_json).hexdigest() != content_hash:
+        return None
+    modified = last_modified.replace(microsecond=0)
+    if if_modified_since is not None and modified <= if_modified_since:
+        return LatestPass(last_modified, None)
+    packager = _packagers.get(template.digest)
+    if packager is None:
+        packager = _packagers[template.digest] = PassPackager(template.static_files)
+    return LatestPass(last_modified, packager.assemble(pass_json, signature))
+
+
 def latest_pass(session: Session, services: Services, card: Card,
-                if_modified_since: object | None) -> LatestPass:
-    """Re-render (catching changes made out of band), then sign unless unchanged."""
+                if_modified_since: dt.datetime | None) -> LatestPass:
+    """Re-render (catching changes made out of band), then sign unless unchanged.
+
+    What is signed here is kept as the card's signed version, so the next device
+    asking for this version gets it from :func:`signed_latest_pass`.
+    """
     identity = cards.apple_identity(session, card.program)
     builder = services.pass_builder(card.program, identity)
     rendered = cards.render(card, services, builder)
     if rendered.changed:
         updates.mark_changed(session, [card])
-    session.commit()
     modified = card.last_modified.replace(microsecond=0)
-    if if_modified_since is not None and modified <= if_modified_since:  # type: ignore[operator]
-        return LatestPass(card, rendered, None)
-    return LatestPass(card, rendered, builder.packager.build(rendered.pass_json, builder.signer))
+    if if_modified_since is not None and modified <= if_modified_since:
+        if rendered.changed:
+            session.commit()
+        return LatestPass(card.last_modified, None)
+    signature = builder.signer(builder.packager.manifest(rendered.pass_json))
+    updates.store_signed(session, [(card.id, rendered.content_hash, rendered.pass_json,
+                                    signature)])
+    session.commit()
+    return LatestPass(card.last_modified, builder.packager.assemble(rendered.pass_json,
+                                                                   signature))
 
 
 def parse_logs(body: object) -> list[str]:
