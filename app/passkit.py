@@ -9,13 +9,14 @@ and an unknown serial costs the same comparison as a wrong token.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -149,6 +150,19 @@ class LatestPass:
 _packagers: dict[str, PassPackager] = {}  # template digest -> its packager
 
 
+@functools.cache
+def _signed_query() -> Select:  # type: ignore[type-arg]
+    """Built once: a device storm should not pay for building the statement per request."""
+    cards_t, programs_t, signed_t = Card.__table__, Program.__table__, SignedVersion.__table__
+    return (select(cards_t.c.authentication_token, cards_t.c.content_hash,
+                   cards_t.c.last_modified, programs_t.c.template, signed_t.c.content_hash,
+                   signed_t.c.pass_json, signed_t.c.signature)
+            .select_from(cards_t.join(programs_t, programs_t.c.id == cards_t.c.program_id)
+                         .outerjoin(signed_t, signed_t.c.card_id == cards_t.c.id))
+            .where(cards_t.c.serial_number == bindparam("serial"),
+                   programs_t.c.pass_type_identifier == bindparam("pass_type")))
+
+
 def signed_latest_pass(services: Services, pass_type: str, serial: str, header: str | None,
                        if_modified_since: dt.datetime | None) -> LatestPass | None:
     """The latest pass from its signed version: one query, no render, no signature, no
@@ -158,16 +172,9 @@ def signed_latest_pass(services: Services, pass_type: str, serial: str, header: 
     Raises NotAuthorized like :func:`authenticate`, in the same constant time.
     """
     token = parse_authorization(header)
-    cards_t, programs_t, signed_t = Card.__table__, Program.__table__, SignedVersion.__table__
-    query = (select(cards_t.c.authentication_token, cards_t.c.content_hash,
-                    cards_t.c.last_modified, programs_t.c.template, signed_t.c.content_hash,
-                    signed_t.c.pass_json, signed_t.c.signature)
-             .select_from(cards_t.join(programs_t, programs_t.c.id == cards_t.c.program_id)
-                          .outerjoin(signed_t, signed_t.c.card_id == cards_t.c.id))
-             .where(cards_t.c.serial_number == serial,
-                    programs_t.c.pass_type_identifier == pass_type))
     with services.db.engine.connect() as connection:
-        row = connection.execute(query).first()
+        row = connection.execute(_signed_query(), {"serial": serial,
+                                                   "pass_type": pass_type}).first()
     expected = row[0] if row is not None else _DUMMY_TOKEN
     matches = hmac.compare_digest(expected.encode(), (token or "").encode())
     if row is None or token is None or not matches:

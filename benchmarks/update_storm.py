@@ -243,6 +243,7 @@ class Connection:
         self.port, self.counters = port, counters
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.used = False  # served a request: a new connection after that is a reconnect
 
     async def _connect(self) -> None:
         delay = 0.05
@@ -256,9 +257,9 @@ class Connection:
                 delay = min(delay * 2, 1.0)
 
     async def get(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        for attempt in range(3):
+        for _attempt in range(3):
             if self.writer is None:
-                if attempt or self.counters.requests:
+                if self.used:
                     self.counters.reconnects += 1
                 await self._connect()
             assert self.reader is not None and self.writer is not None
@@ -282,6 +283,7 @@ class Connection:
                 if response_headers.get("connection", "").lower() == "close":
                     self.close()
                 self.counters.requests += 1
+                self.used = True
                 return status, response_headers, body
             except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
                 self.close()
