@@ -250,17 +250,21 @@ def up(host: str, port: int) -> None:
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--threads", default=8, show_default=True, type=int)
+@click.option("--workers", type=int, default=None,
+              help="Server processes (default: one per CPU core, at least 2).")
+@click.option("--threads", default=8, show_default=True, type=int,
+              help="Threads per server process.")
 @with_appcontext
-def serve_command(host: str, port: int, threads: int) -> None:
-    """Serve in production (no seeding, no certificate generation)."""
+def serve_command(host: str, port: int, workers: int | None, threads: int) -> None:
+    """Serve in production (gunicorn, gthread workers; no seeding, no certificates made)."""
+    from app import server
+
     svc = services()
     _ensure_migrated()
     _refuse_bad_certificates(svc)
-    from waitress import serve
-
+    svc.db.dispose()  # each server process opens its own connections after the fork
     click.echo(f"Passerelle is serving on http://{host}:{port}")
-    serve(current_app._get_current_object(), host=host, port=port, threads=threads)  # type: ignore[attr-defined]
+    server.serve(host, port, workers or server.default_workers(), threads)
 
 
 def _refuse_bad_certificates(svc: Services) -> None:

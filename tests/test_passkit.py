@@ -294,3 +294,56 @@ def test_a_card_without_a_signed_version_is_signed_on_first_fetch_only(client, s
     with services.db.session() as session:
         assert session.get(SignedVersion, card["id"]).content_hash == session.get(
             Card, card["id"]).content_hash
+
+
+def test_passerelle_serve_holds_device_connections_open(services, card, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The production server (gunicorn, gthread workers) keeps a device's connection
+    across its requests, as Wallet expects, and answers the device endpoints."""
+    import http.client
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = services.settings
+    env = {**os.environ, "PASSERELLE_INSTANCE_PATH": str(settings.instance_path),
+           "PASSERELLE_DATABASE_URL": settings.database_url,
+           "PASSERELLE_CERTS_PATH": str(settings.certs_path),
+           "PASSERELLE_SECRET_KEY": settings.ensure_secret_key(),
+           "PASSERELLE_STRICT_CERTS": "false"}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+                                   "--workers", "2", "--threads", "2"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "passerelle serve did not start"
+                time.sleep(0.2)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", reg_url(card), body=json.dumps({"pushToken": TOKEN_HEX}),
+                     headers={**auth(card), "Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 201 and response.read() == b""
+        first_socket = conn.sock
+        conn.request("GET", serials_url())
+        response = conn.getresponse()
+        assert response.status == 200 and card["serial"] in response.read().decode()
+        conn.request("GET", f"/passkit/v1/passes/{PASS_TYPE}/{card['serial']}", headers=auth(card))
+        response = conn.getresponse()
+        assert response.status == 200 and response.read().startswith(b"PK")
+        assert conn.sock is first_socket  # one keep-alive connection for all three
+        conn.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
