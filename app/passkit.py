@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Select, bindparam, func, select
+from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -124,7 +124,7 @@ class UpdatedSerials:
     last_updated: str
 
 
-def serials_since(session: Session, device: str, pass_type: str,
+def serials_since(session: Session | Connection, device: str, pass_type: str,
                   since: str | None) -> UpdatedSerials | None:
     """Serials of this device's passes changed after the tag; None means 204."""
     if since is not None and since != "" and not TAG.match(since):
