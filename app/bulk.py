@@ -92,6 +92,79 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# -- re-rendering changed cards (the update pipeline's pool) ------------------------------
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """What a worker process needs to build one program's passes (picklable)."""
+
+    templates_path: str
+    image_cache: str
+    template: str
+    certs_path: str
+    certificate_file: str
+    key_file: str | None
+    password: bytes | None
+    certificate_stamp: float  # a renewed certificate file makes a new builder
+
+
+#: (card id, serial, input, content hash it has now, sign the new version if it changed)
+RenderJob = tuple[int, str, CardInput, "str | None", bool]
+#: (card id, content hash, pass.json, signature of its manifest, error)
+Rendered = tuple[int, "str | None", "bytes | None", "bytes | None", "str | None"]
+
+_render_builders: dict[RenderConfig, PassBuilder] = {}
+
+
+def render_one(builder: PassBuilder, job: RenderJob) -> Rendered:
+    """Render one card; sign it only when its content changed and someone will fetch it."""
+    card_id, serial, card, previous_hash, sign = job
+    try:
+        pass_json = builder.pass_json(card)
+    except ValueError as exc:  # template and data errors name the field
+        return card_id, None, None, None, f"card {serial}: {exc}"
+    content_hash = builder.content_hash(pass_json)
+    if content_hash == previous_hash or not sign:
+        return card_id, content_hash, None, None, None
+    return card_id, content_hash, pass_json, builder.signer(builder.packager.manifest(pass_json)), None
+
+
+def _render_batch(config: RenderConfig, jobs: list[RenderJob]) -> list[Rendered]:
+    builder = _render_builders.get(config)
+    if builder is None:
+        templates = TemplateLibrary(Path(config.templates_path),
+                                    ImageCache(Path(config.image_cache)))
+        identity = load_identity(Path(config.certs_path), config.certificate_file,
+                                 config.key_file, config.password)
+        builder = PassBuilder(templates.get(config.template), identity.sign)
+        _render_builders[config] = builder
+    return [render_one(builder, job) for job in jobs]
+
+
+class RenderPool:
+    """Worker processes that render and sign changed cards for imports, started on first
+    use (spawn: a forked copy of a threaded worker or open DB pool is unsafe) and kept
+    for the whole import. ``render`` keeps every core busy on one batch of cards."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self._pool: ProcessPoolExecutor | None = None
+
+    def render(self, config: RenderConfig, jobs: list[RenderJob]) -> list[Rendered]:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers,
+                                             mp_context=multiprocessing.get_context("spawn"))
+        size = max(1, min(BATCH_SIZE, -(-len(jobs) // (self.workers * 2))))
+        futures = [self._pool.submit(_render_batch, config, jobs[i:i + size])
+                   for i in range(0, len(jobs), size)]
+        return [result for future in futures for result in future.result()]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
 # -- main side --------------------------------------------------------------------------
 
 def count_cards(session: Session, program: Program) -> int:

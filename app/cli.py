@@ -258,20 +258,26 @@ def up(host: str, port: int) -> None:
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65_535))
-@click.option("--threads", default=8, show_default=True, type=int)
+@click.option("--workers", type=int, default=None,
+              help="Server processes (default: one per CPU core, at least 2).")
+@click.option("--threads", default=8, show_default=True, type=int,
+              help="Threads per server process.")
 @with_appcontext
-def serve_command(host: str, port: int, threads: int) -> None:
-    """Serve in production (no seeding, no certificate generation)."""
+def serve_command(host: str, port: int, workers: int | None, threads: int) -> None:
+    """Serve in production (gunicorn, gthread workers; no seeding, no certificates made)."""
+    from app import server
+
     svc = services()
     _configure_logs(svc)
     _ensure_migrated()
     _refuse_bad_certificates(svc)
+    svc.db.dispose()  # each server process opens its own connections after the fork
     click.echo(f"Passerelle is serving on http://{host}:{port}")
-    _serve(current_app._get_current_object(), svc, host, port, threads)  # type: ignore[attr-defined]
+    server.serve(host, port, workers or server.default_workers(), threads)
 
 
 def _serve(app: Any, svc: Services, host: str, port: int, threads: int) -> None:
-    """The production WSGI server (waitress).
+    """``passerelle up``'s server: waitress, one process (``serve`` runs gunicorn, app/server.py).
 
     Proxy headers are read by the application, whatever the server: ProxyFix
     (app/__init__.py) turns the ``PASSERELLE_TRUSTED_PROXIES`` last hops of
@@ -1342,11 +1348,11 @@ def customers_import(file: Path, tenant_slug: str) -> None:
         tenant_id = _tenant(session, tenant_slug).id
     total = _count_lines(file)
     with svc.db.tenant_session(tenant_id) as session, \
-            tqdm(total=total, unit="row", desc="import", disable=None) as bar:
+            tqdm(total=total, unit="row", desc="import", disable=None) as bar, \
+            updates.CardRefresher(svc, bulk.RenderPool()) as refresher:
         try:
             report = import_csv(session, tenant_id, file, progress=bar.update,
-                                on_changed=lambda s, changed: updates.customers_changed(
-                                    s, svc, changed).errors)
+                                on_changed=refresher.on_changed)
         except ImportFileError as exc:
             fail(str(exc))
     click.echo(f"{report.created} created, {report.updated} updated, "

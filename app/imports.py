@@ -39,6 +39,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import outbox, updates
+from app.bulk import RenderPool
 from app.customers import (
     BATCH_SIZE,
     STANDARD_FIELDS,
@@ -253,8 +254,13 @@ class BulkReport:
     card_problems: list[str] = field(default_factory=list)
 
 
-def import_ndjson(session: Session, services: Services, tenant_id: int, path: Path) -> BulkReport:
-    """Upsert one customer per line; a bad line is reported with its number and skipped."""
+def import_ndjson(session: Session, services: Services, tenant_id: int, path: Path,
+                  refresher: updates.CardRefresher | None = None) -> BulkReport:
+    """Upsert one customer per line; a bad line is reported with its number and skipped.
+
+    ``refresher``: re-renders the changed customers' cards a batch at a time (give
+    one with a RenderPool to use every core)."""
+    refresher = refresher or updates.CardRefresher(services)
     report = BulkReport()
     changed: list[Customer] = []
     pending = 0
@@ -290,17 +296,17 @@ def import_ndjson(session: Session, services: Services, tenant_id: int, path: Pa
             report.unchanged += 1
         pending += 1
         if pending >= BATCH_SIZE:
-            _commit_batch(session, services, changed, report)
+            _commit_batch(session, refresher, changed, report)
             changed, pending = [], 0
-    _commit_batch(session, services, changed, report)
+    _commit_batch(session, refresher, changed, report)
     return report
 
 
-def _commit_batch(session: Session, services: Services, changed: list[Customer],
+def _commit_batch(session: Session, refresher: updates.CardRefresher, changed: list[Customer],
                   report: BulkReport) -> None:
     session.commit()  # the data is safe before any card work
     if changed:
-        report.card_problems.extend(updates.customers_changed(session, services, changed).errors)
+        report.card_problems.extend(refresher.on_changed(session, changed))
         session.commit()
 
 
@@ -347,16 +353,15 @@ def run_job(services: Services, job_id: int,
     counts = (0, 0, 0)
     status = "done"
     try:
-        with _Heartbeat(services, job_id), services.db.tenant_session(tenant_id) as session:
+        with _Heartbeat(services, job_id), services.db.tenant_session(tenant_id) as session, \
+                updates.CardRefresher(services, RenderPool()) as refresher:
             if fmt == "csv":
-                csv_report = import_csv(
-                    session, tenant_id, path, progress=on_progress,
-                    on_changed=lambda s, changed: updates.customers_changed(
-                        s, services, changed).errors)
+                csv_report = import_csv(session, tenant_id, path, progress=on_progress,
+                                        on_changed=refresher.on_changed)
                 counts = (csv_report.created, csv_report.updated, csv_report.unchanged)
                 errors = [(e.line, e.message) for e in csv_report.errors]
             else:
-                bulk = import_ndjson(session, services, tenant_id, path)
+                bulk = import_ndjson(session, services, tenant_id, path, refresher)
                 counts = (bulk.created, bulk.updated, bulk.unchanged)
                 errors = bulk.errors
     except ImportFileError as exc:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -296,6 +297,23 @@ class Card(TenantOwned, Base):
 
     def __repr__(self) -> str:
         return f"<Card {self.serial_number}>"
+
+
+class SignedVersion(Base):
+    """A card version signed once: its pass.json and the detached signature of its
+    manifest. The latest-pass endpoint assembles the .pkpass from these and the
+    template's static files instead of rendering and signing per request. One row
+    per card (replaced when the content changes, deleted with the card): a few KB
+    each. Valid only while ``content_hash`` equals the card's."""
+
+    __tablename__ = "signed_versions"
+
+    card_id: Mapped[int] = mapped_column(ForeignKey("cards.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    pass_json: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)
+    signed_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class Counter(Base):

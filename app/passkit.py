@@ -9,18 +9,21 @@ and an unknown serial costs the same comparison as a wrong token.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import hashlib
 import hmac
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
 from app import bounds, cards, install_state, updates
-from app.models import Card, DeviceLog, Program, Registration, utcnow
+from app.models import Card, DeviceLog, Program, Registration, SignedVersion, utcnow
+from app.passes.package import PassPackager
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -132,7 +135,7 @@ class UpdatedSerials:
     last_updated: str
 
 
-def serials_since(session: Session, device: str, pass_type: str,
+def serials_since(session: Session | Connection, device: str, pass_type: str,
                   since: str | None) -> UpdatedSerials | None:
     """Serials of this device's passes changed after the tag; None means 204."""
     tag = parse_tag(since)
@@ -150,24 +153,21 @@ def serials_since(session: Session, device: str, pass_type: str,
 
 @dataclass(frozen=True)
 class LatestPass:
-    card: Card
-    render: cards.RenderedCard
     data: bytes | None  # None when the device already has it (304)
     last_modified: dt.datetime  # what to send as Last-Modified: never later than now
     etag: str  # opaque (weak) validator of the card's version
 
 
-def version_tag(card: Card) -> str:
-    """A weak ETag value: it changes exactly when version and Last-Modified move."""
-    return f"{card.version}-{(card.content_hash or '')[:16]}"
+def version_tag(last_modified: dt.datetime, content_hash: str | None) -> str:
+    """A weak ETag value: it changes exactly when the version (its content and its
+    stored Last-Modified second) moves."""
+    return f"{int(last_modified.timestamp())}-{(content_hash or '')[:16]}"
 
 
-def latest_pass(session: Session, services: Services, card: Card,
-                if_modified_since: dt.datetime | None,
-                if_none_match: Collection[str] | None = None) -> LatestPass:
-    """Re-render (catching changes made out of band), then sign unless unchanged.
-
-    ``if_none_match``: the request's entity tags (weak or strong, ``*`` for any).
+def _validate(last_modified: dt.datetime, content_hash: str | None,
+              if_modified_since: dt.datetime | None,
+              if_none_match: Collection[str] | None) -> tuple[bool, dt.datetime, str]:
+    """(the device already has this version, Last-Modified to send, ETag).
 
     Last-Modified, and why it is never later than now. HTTP dates count whole
     seconds, so ``cards.next_last_modified`` gives each version its own second,
@@ -184,23 +184,93 @@ def latest_pass(session: Session, services: Services, card: Card,
     with the ETag are answered by the version itself (RFC 9110 §13.2.2: it takes
     precedence over If-Modified-Since).
     """
+    stored = last_modified.replace(microsecond=0)
+    shown = min(stored, utcnow().replace(microsecond=0))
+    tag = version_tag(stored, content_hash)
+    if if_none_match:
+        unchanged = "*" in if_none_match or tag in if_none_match
+    else:
+        unchanged = if_modified_since is not None and stored <= if_modified_since
+    return unchanged, shown, tag
+
+
+_packagers: dict[str, PassPackager] = {}  # template digest -> its packager
+
+
+@functools.cache
+def _signed_query() -> Select:  # type: ignore[type-arg]
+    """Built once: a device storm should not pay for building the statement per request."""
+    cards_t, programs_t, signed_t = Card.__table__, Program.__table__, SignedVersion.__table__
+    return (select(cards_t.c.authentication_token, cards_t.c.content_hash,
+                   cards_t.c.last_modified, programs_t.c.template, signed_t.c.content_hash,
+                   signed_t.c.pass_json, signed_t.c.signature)
+            .select_from(cards_t.join(programs_t, programs_t.c.id == cards_t.c.program_id)
+                         .outerjoin(signed_t, signed_t.c.card_id == cards_t.c.id))
+            .where(cards_t.c.serial_number == bindparam("serial"),
+                   programs_t.c.pass_type_identifier == bindparam("pass_type")))
+
+
+def signed_latest_pass(services: Services, pass_type: str, serial: str, header: str | None,
+                       if_modified_since: dt.datetime | None,
+                       if_none_match: Collection[str] | None = None) -> LatestPass | None:
+    """The latest pass from its signed version: one query, no render, no signature, no
+    commit. None when there is no signed version of the card's current content (never
+    signed, or the template changed since): then :func:`latest_pass` renders it.
+
+    Raises NotAuthorized like :func:`authenticate`, in the same constant time.
+    """
+    token = parse_authorization(header)
+    with services.db.engine.connect() as connection:
+        row = connection.execute(_signed_query(), {"serial": serial,
+                                                   "pass_type": pass_type}).first()
+    expected = row[0] if row is not None else _DUMMY_TOKEN
+    matches = hmac.compare_digest(expected.encode(), (token or "").encode())
+    if row is None or token is None or not matches:
+        raise NotAuthorized()
+    _, content_hash, last_modified, template_name, signed_hash, pass_json, signature = row
+    if signed_hash is None or signed_hash != content_hash:
+        return None
+    template = services.templates.get(template_name)
+    # The template's files are part of the content hash: a changed template on disk
+    # makes the stored pass.json stale, and the slow path renders the new content.
+    if hashlib.sha256(template.digest.encode() + pass_json).hexdigest() != content_hash:
+        return None
+    unchanged, shown, tag = _validate(last_modified, content_hash, if_modified_since,
+                                      if_none_match)
+    if unchanged:
+        return LatestPass(None, shown, tag)
+    packager = _packagers.get(template.digest)
+    if packager is None:
+        packager = _packagers[template.digest] = PassPackager(template.static_files)
+    return LatestPass(packager.assemble(pass_json, signature), shown, tag)
+
+
+def latest_pass(session: Session, services: Services, card: Card,
+                if_modified_since: dt.datetime | None,
+                if_none_match: Collection[str] | None = None) -> LatestPass:
+    """Re-render (catching changes made out of band), then sign unless unchanged.
+
+    ``if_none_match``: the request's entity tags (weak or strong, ``*`` for any).
+    What is signed here is kept as the card's signed version, so the next device
+    asking for this version gets it from :func:`signed_latest_pass`. Validators:
+    :func:`_validate`.
+    """
     identity = cards.apple_identity(session, card.program)
     builder = services.pass_builder(card.program, identity)
     rendered = cards.render(card, services, builder)
     if rendered.changed:
         updates.mark_changed(session, [card])
-    session.commit()
-    stored = card.last_modified.replace(microsecond=0)
-    shown = min(stored, utcnow().replace(microsecond=0))
-    tag = version_tag(card)
-    if if_none_match:
-        unchanged = "*" in if_none_match or tag in if_none_match
-    else:
-        unchanged = if_modified_since is not None and stored <= if_modified_since
+    unchanged, shown, tag = _validate(card.last_modified, card.content_hash,
+                                      if_modified_since, if_none_match)
     if unchanged:
-        return LatestPass(card, rendered, None, shown, tag)
-    return LatestPass(card, rendered, builder.packager.build(rendered.pass_json, builder.signer),
-                      shown, tag)
+        if rendered.changed:
+            session.commit()
+        return LatestPass(None, shown, tag)
+    signature = builder.signer(builder.packager.manifest(rendered.pass_json))
+    updates.store_signed(session, [(card.id, rendered.content_hash, rendered.pass_json,
+                                    signature)])
+    session.commit()
+    return LatestPass(builder.packager.assemble(rendered.pass_json, signature), shown, tag)
 
 
 def parse_logs(body: object) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import re
 import zipfile
 
 import pytest
@@ -240,3 +241,146 @@ def test_log_endpoint_is_rate_limited(client) -> None:  # type: ignore[no-untype
     assert codes[60] == 429
     limited = client.post("/passkit/v1/log", json={"logs": ["x"]})
     assert limited.mimetype == "application/problem+json"
+
+
+# -- each version signed once (issue 12, item 5) ------------------------------------------
+
+def _change_points(services, points: int) -> None:  # type: ignore[no-untyped-def]
+    with services.db.transaction() as session:
+        customer = session.scalar(select(Customer).where(Customer.external_id == "C-1001"))
+        customer.attributes["points"] = points
+        updates.customers_changed(session, services, [customer])
+
+
+def _no_render_or_signature(monkeypatch, services) -> list[str]:  # type: ignore[no-untyped-def]
+    """Make rendering and signing record that they ran (and still work)."""
+    from app import cards
+
+    calls: list[str] = []
+    real_render = cards.render
+
+    def render(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("render")
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(cards, "render", render)
+    for builder in list(services._builders.values()):
+        real_sign = builder.signer
+
+        def sign(data, real_sign=real_sign):  # type: ignore[no-untyped-def]
+            calls.append("sign")
+            return real_sign(data)
+
+        monkeypatch.setattr(builder, "signer", sign)
+    return calls
+
+
+def test_a_changed_card_is_served_from_its_signed_version(client, services, card, monkeypatch,  # type: ignore[no-untyped-def]
+                                                         tmp_path) -> None:
+    from app.models import SignedVersion
+    from tests.pkpass_check import verify_pkpass
+
+    url = f"/passkit/v1/passes/{PASS_TYPE}/{card['serial']}"
+    client.post(reg_url(card), json={"pushToken": TOKEN_HEX}, headers=auth(card))
+    _change_points(services, 4321)  # signed now, at update time: the card has a device
+    with services.db.session() as session:
+        signed = session.get(SignedVersion, card["id"])
+        assert signed is not None
+        assert signed.content_hash == session.get(Card, card["id"]).content_hash
+
+    calls = _no_render_or_signature(monkeypatch, services)
+    commits: list[object] = []
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    def on_commit(session) -> None:  # type: ignore[no-untyped-def]
+        commits.append(session)
+
+    event.listen(Session, "after_commit", on_commit)
+    try:
+        response = client.get(url, headers=auth(card))
+        last_modified = response.headers["Last-Modified"]
+        again = client.get(url, headers={**auth(card), "If-Modified-Since": last_modified})
+        wrong = client.get(url, headers={"Authorization": "ApplePass " + "x" * 43})
+    finally:
+        event.remove(Session, "after_commit", on_commit)
+    assert response.status_code == 200 and again.status_code == 304 and wrong.status_code == 401
+    assert calls == [] and commits == []  # no render, no signature, no commit
+    pass_json = verify_pkpass(response.data, services.settings.certs_path / "dev" / "root-ca.pem",
+                              tmp_path)  # a valid signature over what is served
+    assert pass_json["serialNumber"] == card["serial"]
+    assert re.search(r"4\W?321", json.dumps(pass_json, ensure_ascii=False))  # the new points
+
+
+def test_a_card_without_a_signed_version_is_signed_on_first_fetch_only(client, services, card,  # type: ignore[no-untyped-def]
+                                                                      monkeypatch) -> None:
+    from app.models import SignedVersion
+
+    url = f"/passkit/v1/passes/{PASS_TYPE}/{card['serial']}"
+    first = client.get(url, headers=auth(card))  # rendered, signed and kept
+    assert first.status_code == 200
+    calls = _no_render_or_signature(monkeypatch, services)
+    second = client.get(url, headers=auth(card))
+    assert second.status_code == 200 and second.data == first.data
+    assert calls == []
+    # A stale signed version (content changed without it) is never served.
+    with services.db.transaction() as session:
+        session.get(SignedVersion, card["id"]).content_hash = "0" * 64
+    third = client.get(url, headers=auth(card))
+    assert third.status_code == 200 and calls == ["render", "sign"]
+    with services.db.session() as session:
+        assert session.get(SignedVersion, card["id"]).content_hash == session.get(
+            Card, card["id"]).content_hash
+
+
+def test_passerelle_serve_holds_device_connections_open(services, card, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The production server (gunicorn, gthread workers) keeps a device's connection
+    across its requests, as Wallet expects, and answers the device endpoints."""
+    import http.client
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = services.settings
+    env = {**os.environ, "PASSERELLE_INSTANCE_PATH": str(settings.instance_path),
+           "PASSERELLE_DATABASE_URL": settings.database_url,
+           "PASSERELLE_CERTS_PATH": str(settings.certs_path),
+           "PASSERELLE_SECRET_KEY": settings.ensure_secret_key(),
+           "PASSERELLE_STRICT_CERTS": "false"}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+                                   "--workers", "2", "--threads", "2"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "passerelle serve did not start"
+                time.sleep(0.2)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", reg_url(card), body=json.dumps({"pushToken": TOKEN_HEX}),
+                     headers={**auth(card), "Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 201 and response.read() == b""
+        first_socket = conn.sock
+        conn.request("GET", serials_url())
+        response = conn.getresponse()
+        assert response.status == 200 and card["serial"] in response.read().decode()
+        conn.request("GET", f"/passkit/v1/passes/{PASS_TYPE}/{card['serial']}", headers=auth(card))
+        response = conn.getresponse()
+        assert response.status == 200 and response.read().startswith(b"PK")
+        assert conn.sock is first_socket  # one keep-alive connection for all three
+        conn.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

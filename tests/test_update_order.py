@@ -125,3 +125,119 @@ def test_parallel_registrations_lose_none(app, services, demo) -> None:  # type:
         registered = session.scalars(select(Registration.device_library_identifier).where(
             Registration.card_id == card.id)).all()
     assert sorted(registered) == sorted(set(devices))
+
+
+# -- imports that change many cards at once (issue 12, item 2) ----------------------------
+
+BULK = 70  # above updates.POOL_THRESHOLD: the batch is rendered in worker processes
+
+
+def _bulk_cards(services, demo, registered: int) -> list[int]:  # type: ignore[no-untyped-def]
+    """BULK customers with a rewards card each; the first `registered` have a device."""
+    tenant_id, program_id = demo["tenant_id"], demo["program_ids"]["rewards"]
+    ids = []
+    with services.db.transaction(tenant_id) as session:
+        program = session.get(Program, program_id)
+        for i in range(BULK):
+            customer = Customer(external_id=f"B-{i:03d}", first_name="Bulk",
+                                attributes={"points": "0"})
+            card = Card(program=program, customer=customer)
+            session.add(card)
+            session.flush()
+            ids.append(card.id)
+            if i < registered:
+                session.add(Registration(card_id=card.id, device_library_identifier=f"bulk-{i}",
+                                         pass_type_identifier=PASS_TYPE, push_token="ab" * 32))
+        updates.refresh_cards(session, services, session.scalars(
+            select(Card).where(Card.id.in_(ids))).all())  # every card's first version
+    return ids
+
+
+def _csv(tmp_path, rows: list[tuple[str, str]]):  # type: ignore[no-untyped-def]
+    path = tmp_path / "bulk.csv"
+    path.write_text("external_id,points\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    return path
+
+
+def _state(services, ids: list[int]) -> dict[int, tuple[int, int, str]]:  # type: ignore[no-untyped-def]
+    with services.db.session() as session:
+        return {card.id: (card.version, card.update_tag, card.content_hash)
+                for card in session.scalars(select(Card).where(Card.id.in_(ids)))}
+
+
+def test_bulk_import_renders_in_the_pool_and_writes_set_based(services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import event
+
+    from app.bulk import RenderPool
+    from app.customers import import_csv
+    from app.models import PushJob, SignedVersion
+
+    ids = _bulk_cards(services, demo, registered=40)
+    before = _state(services, ids)
+    # Every member's points change except the last five, whose rows repeat what they have.
+    rows = [(f"B-{i:03d}", str(i + 1) if i < BULK - 5 else "0") for i in range(BULK)]
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(services.db.engine, "before_cursor_execute", count)
+    try:
+        with services.db.tenant_session(demo["tenant_id"]) as session, \
+                updates.CardRefresher(services, RenderPool(workers=2)) as refresher:
+            report = import_csv(session, demo["tenant_id"], _csv(tmp_path, rows),
+                                on_changed=refresher.on_changed)
+    finally:
+        event.remove(services.db.engine, "before_cursor_execute", count)
+    assert (report.updated, report.unchanged, report.card_problems) == (BULK - 5, 5, [])
+
+    after = _state(services, ids)
+    changed = [card_id for card_id in ids if after[card_id] != before[card_id]]
+    assert changed == ids[:BULK - 5]  # the version moves only where the content changed
+    for card_id in changed:
+        assert after[card_id][0] == before[card_id][0] + 1
+    tags = [after[card_id][1] for card_id in changed]
+    last_tag = max(t for _, t, _ in before.values())
+    assert len(set(tags)) == len(tags) and min(tags) > last_tag
+    with services.db.session() as session:
+        jobs = session.scalars(select(PushJob.card_id).where(
+            PushJob.card_id.in_(ids), PushJob.update_tag > last_tag)).all()
+        signed = dict(session.execute(select(SignedVersion.card_id, SignedVersion.content_hash)
+                                      .where(SignedVersion.card_id.in_(ids))).all())
+    assert sorted(jobs) == ids[:40]  # one push job per changed card with a device
+    # The changed cards with a device were signed once, at update time, in the pool.
+    assert {k: v for k, v in signed.items()} == {card_id: after[card_id][2]
+                                                 for card_id in ids[:40]}
+    # Set-based: the Apple identity once, the cards updated in one statement.
+    identity_selects = [s for s in statements if "FROM apple_identities" in s]
+    card_updates = [s for s in statements if s.startswith("UPDATE cards")]
+    assert len(identity_selects) == 1, identity_selects
+    assert len(card_updates) == 1, card_updates
+
+
+def test_bulk_refresh_reports_cards_that_do_not_render(services, demo, tmp_path,  # type: ignore[no-untyped-def]
+                                                       monkeypatch) -> None:
+    from app import cards
+    from app.bulk import RenderPool
+    from app.customers import import_csv
+
+    ids = _bulk_cards(services, demo, registered=0)
+    before = _state(services, ids)
+    real = cards.card_input
+
+    def broken_for_one(card, svc):  # type: ignore[no-untyped-def]
+        if card.id == ids[3]:
+            raise ValueError("points: not a number")
+        return real(card, svc)
+
+    monkeypatch.setattr(cards, "card_input", broken_for_one)
+    rows = [(f"B-{i:03d}", str(i + 100)) for i in range(BULK)]
+    with services.db.tenant_session(demo["tenant_id"]) as session, \
+            updates.CardRefresher(services, RenderPool(workers=2)) as refresher:
+        report = import_csv(session, demo["tenant_id"], _csv(tmp_path, rows),
+                            on_changed=refresher.on_changed)
+    assert report.updated == BULK  # the data is imported all the same
+    assert len(report.card_problems) == 1 and "points: not a number" in report.card_problems[0]
+    after = _state(services, ids)
+    assert after[ids[3]] == before[ids[3]]
+    assert all(after[i][0] == before[i][0] + 1 for i in ids if i != ids[3])

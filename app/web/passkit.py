@@ -68,8 +68,9 @@ def unregister(device: str, pass_type: str, serial: str):  # type: ignore[no-unt
 @bp.get("/devices/<device>/registrations/<pass_type>")
 def serials(device: str, pass_type: str):  # type: ignore[no-untyped-def]
     passkit.check_identifiers(device, pass_type)
-    with services().db.session() as session:
-        updated = passkit.serials_since(session, device, pass_type,
+    # A plain connection, no ORM session: devices ask this in storms after a push.
+    with services().db.engine.connect() as connection:
+        updated = passkit.serials_since(connection, device, pass_type,
                                         request.args.get("passesUpdatedSince"))
     if updated is None:
         response = Response(status=204)
@@ -83,13 +84,18 @@ def serials(device: str, pass_type: str):  # type: ignore[no-untyped-def]
 def latest_pass(pass_type: str, serial: str):  # type: ignore[no-untyped-def]
     passkit.check_identifiers(pass_type=pass_type, serial=serial)
     svc = services()
-    with svc.db.session() as session:
-        card = passkit.authenticate(session, pass_type, serial,
-                                    request.headers.get("Authorization"))
-        tags = request.if_none_match
-        matching = (tags.as_set(include_weak=True) | ({"*"} if tags.star_tag else set())
-                    if tags else None)
-        latest = passkit.latest_pass(session, svc, card, request.if_modified_since, matching)
+    header = request.headers.get("Authorization")
+    tags = request.if_none_match
+    matching = (tags.as_set(include_weak=True) | ({"*"} if tags.star_tag else set())
+                if tags else None)
+    # Signed once per version: most fetches are one query and no signature.
+    latest = passkit.signed_latest_pass(svc, pass_type, serial, header,
+                                        request.if_modified_since, matching)
+    if latest is None:
+        with svc.db.session() as session:
+            card = passkit.authenticate(session, pass_type, serial, header)
+            latest = passkit.latest_pass(session, svc, card, request.if_modified_since,
+                                         matching)
     if latest.data is None:
         response = Response(status=304)
     else:
