@@ -49,6 +49,13 @@ def options(host: str, port: int, workers: int, threads: int) -> dict[str, Any]:
     }
 
 
+def _forget_metrics_of(_server: Any, worker: Any) -> None:
+    """A server process exited: its live gauges leave /metrics (its counters stay)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
 def serve(host: str, port: int, workers: int, threads: int) -> None:
     try:
         from gunicorn.app.base import BaseApplication
@@ -64,6 +71,8 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
         def load_config(self) -> None:
             for name, value in options(host, port, workers, threads).items():
                 self.cfg.set(name, value)
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                self.cfg.set("child_exit", _forget_metrics_of)
 
         def load(self):  # type: ignore[no-untyped-def]
             from app import create_app

@@ -45,7 +45,9 @@ def _serve(settings, tmp_path: Path, trusted_proxies: int) -> Iterator[str]:  # 
     args = ([str(command)] if command.exists()
             else [sys.executable, "-c", "from app.cli import main; main()"])
     output = (tmp_path / f"serve-{trusted_proxies}.log").open("w")
-    server = subprocess.Popen([*args, "serve", "--host", "127.0.0.1", "--port", str(port)],
+    # One server process: without Redis each process counts its own rate limits.
+    server = subprocess.Popen([*args, "serve", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"],
                               env=env, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
