@@ -494,7 +494,10 @@ def _sync_google(services: Services, job: _Job) -> str:
         except GoogleNotConfigured:
             return "done"  # Google was switched off for this tenant: nothing to update
         except GoogleApiError as exc:
-            session.rollback()
+            # What landed before the failing call is kept (sync_object flushes each
+            # step as it lands): a retry after a failed message sends the message,
+            # not the PATCH again.
+            session.commit()
             if exc.status is None or exc.status == 429 or exc.status >= 500:
                 log.warning("Google Wallet update of card %s: %s, will retry",
                             card.serial_number, exc)
