@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import time
 import zipfile
 
 from sqlalchemy import select
@@ -15,20 +14,12 @@ from sqlalchemy import select
 from app import updates
 from app.models import Card, Customer, InstallEvent, Program, PushAttempt, Registration
 from tests.apns_standin import ApnsStandin
+from tests.waiting import wait_until as _wait
 
 PASS_TYPE = "pass.dev.passerelle.demo"
 PHONE, OLD_PHONE = "phone-0001", "phone-gone"
 PHONE_TOKEN, OLD_TOKEN = "aa" * 32, "bb" * 32
 
-
-def _wait(predicate, seconds: float = 15.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_register_change_push_fetch_304(client, services, demo, keep_signal_handlers) -> None:  # type: ignore[no-untyped-def]
@@ -66,7 +57,7 @@ def test_register_change_push_fetch_304(client, services, demo, keep_signal_hand
                 customer.attributes["points"] = 1337
                 assert updates.customers_changed(session, services, [customer]).changed
             # The worker pushes both devices through the stand-in.
-            _wait(lambda: len(apns.received) >= 2)
+            _wait(lambda: len(apns.received) >= 2, seconds=15.0)
             by_token = {r.token: r for r in apns.received}
             assert by_token[PHONE_TOKEN].topic == PASS_TYPE
             assert by_token[PHONE_TOKEN].client_uid == PASS_TYPE

@@ -10,26 +10,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 from sqlalchemy import select, update
 
 from app.models import Card, Program, PushJob, Registration, utcnow
 from tests.apns_standin import ApnsStandin
+from tests.waiting import wait_until as _wait
 
 PASS_TYPE = "pass.dev.passerelle.demo"
 TOKEN = "cc" * 32
 OTHERS = [f"{n:x}" * 64 for n in range(4)]
 
-
-def _wait(predicate, seconds: float = 20.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_killed_worker_loses_no_push(services, demo, keep_signal_handlers) -> None:  # type: ignore[no-untyped-def]

@@ -16,18 +16,11 @@ from sqlalchemy import select
 
 from app.models import Card, PushJob, Registration, utcnow
 from tests.apns_standin import ApnsStandin
+from tests.waiting import wait_until as _wait
 
 PASS_TYPE = "pass.dev.passerelle.demo"
 TOKENS = [f"{n:x}" * 64 for n in range(1, 6)]
 
-
-def _wait(predicate, seconds: float = 30.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def _jobs(services, demo) -> list[int]:  # type: ignore[no-untyped-def]
@@ -89,7 +82,8 @@ def test_sigterm_mid_fan_out_finishes_the_batch_then_exits(services, demo,  # ty
         ids = _jobs(services, demo)
         worker = _worker(services, apns, shutdown_seconds=20)
         services.jobs.dispatch(ids)
-        _wait(lambda: len(apns.received) == len(TOKENS))  # the batch is out, unanswered
+        # The batch is out, unanswered.
+        _wait(lambda: len(apns.received) == len(TOKENS), seconds=30.0)
         took, output = _stop(worker)
     assert worker.returncode == 0, output
     assert "worker: stopped" in output
@@ -105,7 +99,7 @@ def test_what_outlives_the_shutdown_timeout_is_handed_back_not_left_leased(  # t
         ids = _jobs(services, demo)
         worker = _worker(services, apns, shutdown_seconds=2)
         services.jobs.dispatch(ids)
-        _wait(lambda: len(apns.received) == len(TOKENS))
+        _wait(lambda: len(apns.received) == len(TOKENS), seconds=30.0)
         took, output = _stop(worker)
         assert worker.returncode == 0, output
         assert took < 8  # bounded by the shutdown timeout, not by the hung push
@@ -122,7 +116,8 @@ def test_what_outlives_the_shutdown_timeout_is_handed_back_not_left_leased(  # t
         consumer.start()
         try:
             services.jobs.dispatch(ids)
-            _wait(lambda: all(job.done_at is not None for job in _rows(services, ids)))
+            _wait(lambda: all(job.done_at is not None for job in _rows(services, ids)),
+                  seconds=30.0)
         finally:
             consumer.stop(graceful=True)
             services.close()
