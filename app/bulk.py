@@ -23,11 +23,11 @@ from sqlalchemy.orm import Session, joinedload
 
 from app import cards
 from app.certs import load_identity
-from app.models import Card, Customer, Program
+from app.models import AppleIdentity, Card, Customer, Program
 from app.passes.builder import CardInput, PassBuilder
 from app.passes.images import ImageCache
 from app.passes.template import TemplateLibrary
-from app.services import Services, identity_password
+from app.services import Services, _mtime, identity_password
 from app.updates import queue_pushes, reserve_update_tags
 
 PAGE_SIZE = 256
@@ -41,18 +41,6 @@ class BuildReport:
     errors: list[str]
 
 
-@dataclass(frozen=True)
-class _WorkerConfig:
-    templates_path: str
-    image_cache: str
-    template: str
-    certs_path: str
-    certificate_file: str
-    key_file: str | None
-    password: bytes | None
-    out_dir: str
-
-
 # One item of work: (card id, serial, input); one result: (card id, content hash or error).
 _Job = tuple[int, str, CardInput]
 _Result = tuple[int, str | None, str | None]
@@ -63,12 +51,9 @@ _Result = tuple[int, str | None, str | None]
 _worker: tuple[PassBuilder, Path] | None = None
 
 
-def _init_worker(config: _WorkerConfig) -> None:
+def _init_worker(config: RenderConfig, out_dir: str) -> None:
     global _worker
-    templates = TemplateLibrary(Path(config.templates_path), ImageCache(Path(config.image_cache)))
-    identity = load_identity(Path(config.certs_path), config.certificate_file, config.key_file,
-                             config.password)
-    _worker = (PassBuilder(templates.get(config.template), identity.sign), Path(config.out_dir))
+    _worker = (config.builder(), Path(out_dir))
 
 
 def _build_batch(batch: list[_Job]) -> list[_Result]:
@@ -107,6 +92,22 @@ class RenderConfig:
     password: bytes | None
     certificate_stamp: float  # a renewed certificate file makes a new builder
 
+    @classmethod
+    def for_program(cls, services: Services, program: Program,
+                    identity: AppleIdentity) -> RenderConfig:
+        settings = services.settings
+        return cls(str(settings.templates_path), str(settings.instance_path / "image-cache"),
+                   program.template, str(settings.certs_path), identity.certificate_file,
+                   identity.key_file, identity_password(identity),
+                   _mtime(settings.certs_path, identity.certificate_file))
+
+    def builder(self) -> PassBuilder:
+        """Load the template and the signing identity, in the process that will sign."""
+        templates = TemplateLibrary(Path(self.templates_path), ImageCache(Path(self.image_cache)))
+        identity = load_identity(Path(self.certs_path), self.certificate_file, self.key_file,
+                                 self.password)
+        return PassBuilder(templates.get(self.template), identity.sign)
+
 
 #: (card id, serial, input, content hash it has now, sign the new version if it changed)
 RenderJob = tuple[int, str, CardInput, "str | None", bool]
@@ -132,12 +133,7 @@ def render_one(builder: PassBuilder, job: RenderJob) -> Rendered:
 def _render_batch(config: RenderConfig, jobs: list[RenderJob]) -> list[Rendered]:
     builder = _render_builders.get(config)
     if builder is None:
-        templates = TemplateLibrary(Path(config.templates_path),
-                                    ImageCache(Path(config.image_cache)))
-        identity = load_identity(Path(config.certs_path), config.certificate_file,
-                                 config.key_file, config.password)
-        builder = PassBuilder(templates.get(config.template), identity.sign)
-        _render_builders[config] = builder
+        builder = _render_builders[config] = config.builder()
     return [render_one(builder, job) for job in jobs]
 
 
@@ -245,11 +241,7 @@ def build_program(session: Session, services: Services, program: Program, out_di
     identity_row = cards.apple_identity(session, program)
     services.signing_identity(identity_row)  # fail fast, before starting workers
     services.templates.get(program.template)  # derive and cache images once, here
-    settings = services.settings
-    config = _WorkerConfig(
-        str(settings.templates_path), str(settings.instance_path / "image-cache"),
-        program.template, str(settings.certs_path), identity_row.certificate_file,
-        identity_row.key_file, identity_password(identity_row), str(out_dir))
+    config = RenderConfig.for_program(services, program, identity_row)
     workers = workers or os.cpu_count() or 1
     recorder = _VersionRecorder(session, program.tenant_id)
     written = 0
@@ -272,7 +264,7 @@ def build_program(session: Session, services: Services, program: Program, out_di
     # spawn, not fork: a forked copy of a threaded server or open DB pool is unsafe.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                             initargs=(config,), mp_context=context) as pool:
+                             initargs=(config, str(out_dir)), mp_context=context) as pool:
         program_id = program.id
         for page in _pages(session, program_id):
             batch: list[_Job] = []

@@ -175,7 +175,7 @@ class CardRefresher:
                     identities[card.program_id] = identity
                 if isinstance(identity, Exception):
                     raise identity
-                config = _render_config(self.services, card.program, identity)
+                config = bulk.RenderConfig.for_program(self.services, card.program, identity)
                 if config not in builders:
                     builders[config] = self.services.pass_builder(card.program, identity)
                 job = (card.id, card.serial_number, cards.card_input(card, self.services),
@@ -213,17 +213,6 @@ def _fetched_by_devices(session: Session, card_ids: list[int]) -> set[int]:
             .distinct()))
     return found
 
-
-def _render_config(services: Services, program: Program, identity: AppleIdentity):  # type: ignore[no-untyped-def]
-    from app.bulk import RenderConfig
-    from app.services import _mtime, identity_password
-
-    settings = services.settings
-    return RenderConfig(
-        str(settings.templates_path), str(settings.instance_path / "image-cache"),
-        program.template, str(settings.certs_path), identity.certificate_file,
-        identity.key_file, identity_password(identity),
-        _mtime(settings.certs_path, identity.certificate_file))
 
 
 def _record_versions(session: Session,
