@@ -53,8 +53,3 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops,  # type: ignore[method-assign]
                                 x_host=hops)
     return app
-
-
-def services_of(app: Flask) -> Services:
-    services: Services = app.extensions["passerelle"]
-    return services

@@ -22,12 +22,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from app import cards
-from app.certs import load_identity
+from app.certs import file_stamp, identity_password, load_identity
 from app.models import AppleIdentity, Card, Customer, Program
 from app.passes.builder import CardInput, PassBuilder
 from app.passes.images import ImageCache
 from app.passes.template import TemplateLibrary
-from app.services import Services, _mtime, identity_password
+from app.services import Services
 from app.updates import queue_pushes, reserve_update_tags
 
 PAGE_SIZE = 256
@@ -99,7 +99,7 @@ class RenderConfig:
         return cls(str(settings.templates_path), str(settings.instance_path / "image-cache"),
                    program.template, str(settings.certs_path), identity.certificate_file,
                    identity.key_file, identity_password(identity),
-                   _mtime(settings.certs_path, identity.certificate_file))
+                   file_stamp(settings.certs_path, identity.certificate_file))
 
     def builder(self) -> PassBuilder:
         """Load the template and the signing identity, in the process that will sign."""

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -21,6 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+
+if TYPE_CHECKING:
+    from app.models import AppleIdentity
 
 #: Private keys PKCS#7 signing accepts (Apple issues RSA 2048 pass certificates).
 SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -555,3 +559,24 @@ def _write(path: Path, data: bytes, *, private: bool = False) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def identity_password(identity: AppleIdentity) -> bytes | None:
+    """The key or .p12 password, read from the environment variable the identity names."""
+    if not identity.password_env:
+        return None
+    value = os.environ.get(identity.password_env)
+    if value is None:
+        raise CertificateError(
+            f"{identity.pass_type_identifier}: environment variable {identity.password_env} "
+            f"(the certificate password) is not set"
+        )
+    return value.encode()
+
+
+def file_stamp(root: Path, relative: str) -> float:
+    """A certificate file's modification time: cache keys change when the file is replaced."""
+    try:
+        return (Path(root) / relative).stat().st_mtime
+    except OSError:
+        return 0.0

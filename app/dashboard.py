@@ -293,7 +293,7 @@ class Health:
 def certificate_statuses(session: Session, services: Services, tenant_id: int,
                          now: dt.datetime | None = None) -> list[CertificateStatus]:
     """Each Apple identity of the tenant: expiry and everything `certs check` would say."""
-    from app.services import identity_password
+    from app.certs import identity_password
 
     now = now or utcnow()
     settings = services.settings

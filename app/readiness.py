@@ -50,7 +50,7 @@ def check_certificates(services: Services, *, apns: bool = False
     ``apns``: also report certificates the push workers cannot connect to APNs with
     (`certs check` does; ``/readyz`` does not: web processes serve fine meanwhile,
     and ``/healthz/pushes`` reports it)."""
-    from app.services import identity_password
+    from app.certs import identity_password
 
     errors: list[str] = []
     warnings: list[str] = []

@@ -7,7 +7,6 @@ its derived images) and the loaded signing identities, each built once.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,8 @@ from app.passes.images import ImageCache
 from app.passes.template import TemplateLibrary
 
 if TYPE_CHECKING:
+    from flask import Flask
+
     from app.apns import ApnsPool
 
 
@@ -104,17 +105,17 @@ class Services:
 
     def signing_identity(self, identity: AppleIdentity) -> certs.SigningIdentity:
         """Load (once per certificate file version) the key and chain for a pass type."""
-        stamp = _mtime(self.settings.certs_path, identity.certificate_file)
+        stamp = certs.file_stamp(self.settings.certs_path, identity.certificate_file)
         key = (identity.pass_type_identifier, stamp)
         if key not in self._identities:
             self._identities[key] = certs.load_identity(
                 self.settings.certs_path, identity.certificate_file, identity.key_file,
-                identity_password(identity),
+                certs.identity_password(identity),
             )
         return self._identities[key]
 
     def pass_builder(self, program: Program, identity: AppleIdentity) -> PassBuilder:
-        stamp = _mtime(self.settings.certs_path, identity.certificate_file)
+        stamp = certs.file_stamp(self.settings.certs_path, identity.certificate_file)
         key = (program.template, identity.pass_type_identifier, stamp)
         if key not in self._builders:
             template = self.templates.get(program.template)
@@ -122,21 +123,7 @@ class Services:
         return self._builders[key]
 
 
-def identity_password(identity: AppleIdentity) -> bytes | None:
-    """The key or .p12 password, read from the environment variable the identity names."""
-    if not identity.password_env:
-        return None
-    value = os.environ.get(identity.password_env)
-    if value is None:
-        raise certs.CertificateError(
-            f"{identity.pass_type_identifier}: environment variable {identity.password_env} "
-            f"(the certificate password) is not set"
-        )
-    return value.encode()
-
-
-def _mtime(root: Path, relative: str) -> float:
-    try:
-        return (Path(root) / relative).stat().st_mtime
-    except OSError:
-        return 0.0
+def services_of(app: Flask) -> Services:
+    """The Services a Flask app was created with (``create_app`` stores them)."""
+    services: Services = app.extensions["passerelle"]
+    return services

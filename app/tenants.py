@@ -8,8 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import certs
+from app.certs import identity_password
 from app.models import AppleIdentity, Program, Tenant
-from app.services import Services, identity_password
+from app.services import Services
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from app import apikeys, audit, bounds
 from app.api.schemas import Problem
+from app.services import Services, services_of
 
 API_PREFIX = "/api/v1"
 #: Request bodies: imports may be large files; everything else is small JSON.
@@ -178,8 +179,6 @@ def require(scope: str) -> Callable[[F], F]:
                 raise ApiProblem(401, "Unauthorized",
                                  "send the API key as 'Authorization: Bearer <key>'",
                                  headers=_UNAUTHORIZED)
-            from app import services_of
-
             database = services_of(current_app).db
             with database.session() as session:
                 row = apikeys.authenticate(session, raw)
@@ -230,9 +229,7 @@ def record(action: str, target: str | None = None, details: dict[str, Any] | Non
     audit.record(db(), key().actor, action, target, details)
 
 
-def services():  # type: ignore[no-untyped-def]
-    from app import services_of
-
+def services() -> Services:
     return services_of(current_app)
 
 
