@@ -249,7 +249,7 @@ def test_a_full_connection_gets_company_up_to_the_limit(server: ApnsStandin,
                                                         chain: DevChain) -> None:
     tokens = [_token(i) for i in range(400)]
     for token in tokens:  # held back, so every stream stays open until all are sent
-        server.script[token] = [(200, None, 0.3)]
+        server.script[token] = [(200, None, 2.0)]  # long enough on a loaded CI machine
     with ApnsClient(server.url, chain.identity.certificate, chain.identity.private_key,
                     ca_file=server.ca_file, timeout=5.0, max_concurrency=100,
                     max_connections=3) as apns:
