@@ -10,14 +10,31 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 
 PREFIX = "PASSERELLE_"
+#: The checkout's root. Only meaningful in a checkout (editable install, tests): an
+#: installed wheel has no repository around it, so no runtime default may use it.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def shipped(name: str) -> Path:
+    """A folder Passerelle ships beside its code: ``migrations`` or ``pass_templates``.
+
+    A checkout keeps them at the repository root, where people look for them. A wheel
+    has no root to put them in, so setup.py copies them into the package as
+    ``app/_migrations`` and ``app/_pass_templates``; this resolves either.
+    """
+    packaged = resources.files("app") / f"_{name}"
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return REPO_ROOT / name
+
+
 def _default_instance() -> Path:
-    return REPO_ROOT / "instance"
+    # The folder `passerelle` runs in, as README says, wherever the code is installed.
+    return Path.cwd() / "instance"
 
 
 def _as_bool(raw: str) -> bool:
@@ -40,7 +57,8 @@ class Settings:
     #: Base URL written into passes (webServiceURL) and links. No trailing slash.
     public_url: str = "http://127.0.0.1:8000"
     #: Where pass templates live (one folder per template).
-    templates_path: Path = REPO_ROOT / "pass_templates"
+    #: Default: the templates shipped with Passerelle (pass_templates/ in a checkout).
+    templates_path: Path = field(default_factory=lambda: shipped("pass_templates"))
     #: Pass-type certificates and WWDR intermediates (see certs.example/README.md).
     certs_path: Path = field(default_factory=lambda: _default_instance() / "certs")
     #: Flask session/CSRF key. Generated once into the instance folder when unset.

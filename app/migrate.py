@@ -7,12 +7,12 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from app.config import REPO_ROOT
+from app.config import shipped
 
 
 def alembic_config(database_url: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    cfg.set_main_option("script_location", str(shipped("migrations")))
     # Alembic's ini interpolation treats % specially.
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return cfg
