@@ -117,7 +117,8 @@ def compose(services: Services, program: Program, customer: Customer, url: str,
                 else _("mail.greeting"))
     body = "mail.requested_link.body" if kind == "requested_link" else "mail.card_link.body"
     paragraphs = [_(body, program=name),
-                  _("mail.card_link.expiry", days=days), _("mail.card_link.ignore")]
+                  _.ngettext("mail.card_link.expiry", "mail.card_link.expiry", days, days=days),
+                  _("mail.card_link.ignore")]
     message = EmailMessage()
     message["Subject"] = _("mail.card_link.subject", program=name)
     message["From"] = services.settings.mail_from
@@ -125,9 +126,10 @@ def compose(services: Services, program: Program, customer: Customer, url: str,
     message["Message-ID"] = make_msgid(domain=_domain(services.settings.mail_from))
     message["Auto-Submitted"] = "auto-generated"  # no vacation replies to a robot
     message.set_content("\n\n".join([greeting, paragraphs[0], url, *paragraphs[1:]]) + "\n")
+    label = _("mail.card_link.button")  # outside the f-string, where `pybabel extract` sees it
     button = (f'<p><a href="{escape(url)}" style="display:inline-block;padding:12px 20px;'
               f'background:#111;color:#fff;border-radius:8px;text-decoration:none">'
-              f'{escape(_("mail.card_link.button"))}</a></p>')
+              f'{escape(label)}</a></p>')
     html = "".join([f"<p>{escape(greeting)}</p>", f"<p>{escape(paragraphs[0])}</p>", button,
                     *(f"<p>{escape(text)}</p>" for text in paragraphs[1:])])
     message.add_alternative(f'<!doctype html><html lang="{lang}"><body>{html}</body></html>',

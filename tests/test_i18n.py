@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import re
 import string
+import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from babel.messages.catalog import Catalog, Message
+from babel.messages.frontend import CommandLineInterface
+from babel.messages.plurals import get_plural
+from babel.messages.pofile import read_po
 
 from app import i18n
 
@@ -142,3 +147,123 @@ def test_the_literal_text_check_can_fail() -> None:
     assert _untranslated("<p>{{ _('button.apple') }}</p><p>Hello there</p>") == ["Hello there"]
     assert _untranslated('<img alt="Logo">') == ["Logo"]
     assert _untranslated("<style>body{color:red}</style><p>{{ x }} *</p>") == []
+
+
+# -- gettext catalogues (app/translations/<lang>/LC_MESSAGES/messages.po) ---------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
+    """The template `pybabel extract -F babel.cfg` makes from the code, as docs/translations.md says."""
+    pot = tmp_path_factory.mktemp("pot") / "messages.pot"
+    CommandLineInterface().run(["pybabel", "-q", "extract", "-F", str(REPO / "babel.cfg"),
+                                "-o", str(pot), "--no-location", str(REPO)])
+    with pot.open("rb") as file:
+        return read_po(file)
+
+
+def _key(message: Message) -> str:
+    return str(message.id[0] if message.pluralizable else message.id)
+
+
+def _forms(message: Message) -> tuple[str, ...]:
+    return tuple(message.string) if message.pluralizable else (message.string,)
+
+
+def test_extraction_finds_every_message_the_code_uses(extracted: Catalog) -> None:
+    keys = {_key(m) for m in extracted if m.id}
+    # Template calls, Python calls, and N_() marks of composed keys.
+    assert {"button.apple", "mail.greeting", "page.csrf.title", "error.required"} <= keys
+    assert keys == set(i18n.catalog("en")), keys ^ set(i18n.catalog("en"))
+    plural = {_key(m) for m in extracted if m.id and m.pluralizable}
+    assert plural == {"mail.card_link.expiry"} == i18n.plural_keys()
+
+
+@pytest.mark.parametrize("lang", i18n.SUPPORTED)
+def test_every_language_has_every_extracted_message_translated(
+        lang: str, extracted: Catalog) -> None:
+    catalogue = i18n.po_catalog(lang)
+    assert catalogue.locale is not None and str(catalogue.locale) == lang
+    template = {_key(m): m for m in extracted if m.id}
+    messages = {_key(m): m for m in catalogue if m.id}
+    assert set(messages) == set(template), (lang, set(messages) ^ set(template))
+    assert not catalogue.obsolete, (lang, list(catalogue.obsolete))
+    reference = {_key(m): m for m in i18n.po_catalog("en") if m.id}
+    for key, message in messages.items():
+        assert not message.fuzzy, (lang, key)
+        assert message.pluralizable == template[key].pluralizable, (lang, key)
+        forms = _forms(message)
+        assert len(forms) == catalogue.num_plurals or not message.pluralizable, (lang, key)
+        assert all(form.strip() for form in forms), (lang, key)
+        expected = placeholders(_forms(reference[key])[0])
+        assert all(placeholders(form) == expected for form in forms), (lang, key)
+
+
+@pytest.mark.parametrize("lang", i18n.SUPPORTED)
+def test_plural_forms_are_the_languages_own(lang: str) -> None:
+    catalogue = i18n.po_catalog(lang)
+    # The header pybabel init writes from CLDR: what translation tools will expect.
+    assert catalogue.plural_forms == str(get_plural(lang)), lang
+    assert catalogue.num_plurals == {"en": 2, "de": 2, "fr": 3, "cs": 3}[lang]
+
+
+@pytest.mark.parametrize("lang, counts", [
+    ("en", {1: "1 day ", 7: "7 days "}),
+    ("de", {1: "1 Tag ", 7: "7 Tage "}),
+    ("fr", {1: "1 jour ", 7: "7 jours ", 1000000: "1000000 de jours "}),
+    ("cs", {1: "1 den ", 3: "3 dny ", 7: "7 dní "}),
+])
+def test_counts_take_the_plural_form_of_the_language(lang: str, counts: dict[int, str]) -> None:
+    _ = i18n.translator(lang)
+    for n, expected in counts.items():
+        text = _.ngettext("mail.card_link.expiry", "mail.card_link.expiry", n, days=n)
+        assert expected in text, (lang, n, text)
+    with pytest.raises(KeyError):
+        i18n.translate(lang, "mail.card_link.expiry", days=7)  # a count needs ngettext
+    with pytest.raises(KeyError):
+        i18n.ntranslate(lang, "button.apple", 2)
+    with pytest.raises(ValueError):
+        _.ngettext("mail.card_link.expiry", "other.key", 2, days=2)
+
+
+def test_fuzzy_and_missing_messages_fall_back_to_english(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fuzzy entry is a guess awaiting review: shown in English, as msgfmt leaves it out."""
+    for lang in ("en", "fr"):
+        (tmp_path / lang / "LC_MESSAGES").mkdir(parents=True)
+        (tmp_path / lang / "LC_MESSAGES" / "messages.po").write_bytes(
+            i18n.po_path(lang).read_bytes())
+    po = tmp_path / "fr" / "LC_MESSAGES" / "messages.po"
+    text = po.read_text(encoding="utf-8")
+    text = text.replace('msgid "button.apple"', '#, fuzzy\nmsgid "button.apple"')
+    text = text.replace('msgid "button.google"\nmsgstr "Ajouter à Google Wallet"',
+                        'msgid "button.google"\nmsgstr ""')
+    po.write_text(text, encoding="utf-8")
+    caches = (i18n.po_catalog, i18n.translations, i18n.catalog, i18n.plural_keys)
+    monkeypatch.setattr(i18n, "TRANSLATIONS", tmp_path)
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        assert "button.apple" not in i18n.catalog("fr")
+        assert "button.google" not in i18n.catalog("fr")
+        assert i18n.translate("fr", "button.apple") == "Add to Apple Wallet"
+        assert i18n.translate("fr", "button.google") == "Add to Google Wallet"
+        assert i18n.translate("fr", "landing.title", program="A") == "Votre carte A"
+    finally:
+        monkeypatch.undo()
+        for cached in caches:
+            cached.cache_clear()
+    assert i18n.translate("fr", "button.apple") == "Ajouter à Apple Wallet"
+
+
+def test_catalogues_are_package_data() -> None:
+    """A wheel (non-editable install) carries every catalogue: pyproject's package-data globs."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = config["tool"]["setuptools"]["package-data"]["app"]
+    package = TEMPLATES.parent
+    shipped = {path for pattern in globs for path in package.glob(pattern) if path.is_file()}
+    catalogues = {i18n.po_path(lang) for lang in i18n.SUPPORTED}
+    assert all(path.is_file() for path in catalogues)
+    assert catalogues <= shipped, catalogues - shipped
