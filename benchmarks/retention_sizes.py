@@ -1,7 +1,7 @@
 """Table sizes after a 100,000-card campaign, before and after pruning (issue 14).
 
     .venv/bin/python benchmarks/retention_sizes.py postgresql://postgres@127.0.0.1:5432/<db>
-        [--cards 100000] [--no-second-campaign]
+        [--cards 100000] [--campaigns 3]
 
 The database's ``public`` schema is DROPPED and recreated (give it a database of
 its own), migrated, and seeded with the demo tenant plus N customers, each with a
@@ -32,8 +32,9 @@ All of it is dated 401 days ago: past every retention window, the funnel's 400
 days included. Then ``app.retention.prune`` (what ``passerelle prune`` and the
 worker's daily task call) with the default windows and batch size, then a plain
 ``VACUUM`` (what autovacuum does: the space becomes reusable, and empty pages at
-a table's end go back to the file system), and, unless ``--no-second-campaign``,
-a second campaign dated now, to see what the freed space does to its size.
+a table's end go back to the file system). Then (``--campaigns``, default 3) the
+same again: the next campaign, prune, VACUUM, and the last campaign's rows on top,
+to see whether the tables level off or grow from one campaign to the next.
 
 Printed per table: rows and ``pg_total_relation_size`` (table + indexes + TOAST)
 at each step. Sizes do not depend on the machine's load; the timings printed
@@ -102,8 +103,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("database_url", help="PostgreSQL URL; its public schema is dropped")
     parser.add_argument("--cards", type=int, default=100_000)
-    parser.add_argument("--no-second-campaign", dest="second", action="store_false",
-                        help="stop after VACUUM")
+    parser.add_argument("--campaigns", type=int, default=3,
+                        help="campaigns in a row, each pruned and vacuumed before the next "
+                             "(1: stop after the first VACUUM)")
     args = parser.parse_args()
     if make_url(args.database_url).get_backend_name() != "postgresql":
         parser.error("a postgresql:// URL: sizes are PostgreSQL's pg_total_relation_size")
@@ -116,12 +118,12 @@ def main() -> int:
         settings.instance_path.mkdir()
         services = Services(settings)
         try:
-            return run(services, args.cards, args.second)
+            return run(services, args.cards, args.campaigns)
         finally:
             services.close()
 
 
-def run(services: Services, cards: int, second: bool) -> int:
+def run(services: Services, cards: int, campaigns: int) -> int:
     engine = services.db.engine
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
@@ -134,30 +136,31 @@ def run(services: Services, cards: int, second: bool) -> int:
           f"{time.perf_counter() - started:.0f} s)")
 
     steps: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    started = time.perf_counter()
-    campaign(services, base, utcnow() - AGE, first_id=0)
-    analyze(services)
-    steps.append(("campaign", measure(services)))
-    print(f"campaign dated {AGE.days} days ago written in {time.perf_counter() - started:.0f} s")
-
-    started = time.perf_counter()
-    deleted = retention.prune(services.db)
-    took = time.perf_counter() - started
-    steps.append(("pruned", measure(services)))
-    print(f"prune (defaults, batches of {retention.BATCH}): {sum(deleted.values())} rows "
-          f"deleted in {took:.1f} s")
-
-    started = time.perf_counter()
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        for table in TABLES:
-            conn.execute(text(f"VACUUM {table}"))
-    steps.append(("VACUUM", measure(services)))
-    print(f"VACUUM of the pruned tables: {time.perf_counter() - started:.1f} s")
-
-    if second:
-        campaign(services, base, utcnow(), first_id=cards)
+    for k in range(1, campaigns + 1):
+        nth = "campaign" if k == 1 else f"campaign {k}"
+        started = time.perf_counter()
+        campaign(services, base, utcnow() - AGE, first_id=(k - 1) * cards)
         analyze(services)
-        steps.append(("2nd campaign", measure(services)))
+        steps.append((nth, measure(services)))
+        print(f"{nth} dated {AGE.days} days ago written in "
+              f"{time.perf_counter() - started:.0f} s")
+        if k == campaigns and k > 1:
+            break  # the last of several: its size on top of the pruned ones
+
+        started = time.perf_counter()
+        deleted = retention.prune(services.db)
+        took = time.perf_counter() - started
+        if k == 1:
+            steps.append(("pruned", measure(services)))
+        print(f"prune (defaults, batches of {retention.BATCH}): {sum(deleted.values())} rows "
+              f"deleted in {took:.1f} s")
+
+        started = time.perf_counter()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for table in TABLES:
+                conn.execute(text(f"VACUUM {table}"))
+        steps.append(("VACUUM" if k == 1 else f"pruned+VACUUM {k}", measure(services)))
+        print(f"VACUUM of the pruned tables: {time.perf_counter() - started:.1f} s")
     print()
     print_table(steps)
     return 0
