@@ -92,7 +92,7 @@ AGE = dt.timedelta(days=401)  # past every default window (funnel_events: 400 da
 TABLES = ("push_jobs", "push_attempts", "device_logs", "funnel_events", "webhook_deliveries",
           "webhook_attempts", "inbound_events", "google_callback_nonces", "crm_outbox",
           "mail_outbox", "import_jobs")
-#: What a Wallet log line looks like (≈ 200 characters; the serial is the card's).
+#: What a Wallet log line looks like (≈ 270 characters; the serial is the card's).
 LOG_LINE = ("[{when}] Get pass task (pass type pass.dev.passerelle.demo, serial number "
             "{serial}, if-modified-since {when}; with web service url "
             "https://wallet.example.test/passkit) encountered error: Unexpected response "
