@@ -58,6 +58,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hpack import NeverIndexedHeaderTuple
 
+from app import metrics
 from app.certs import certificate_uid
 
 if TYPE_CHECKING:
@@ -154,6 +155,10 @@ class ApnsTokenKey:
 
 class ConnectError(Exception):
     """No connection to APNs: TCP refused or timed out, TLS refused, or no HTTP/2 answer."""
+
+    def __init__(self, reason: str, kind: str = "connect_failed") -> None:
+        super().__init__(reason)
+        self.kind = kind  # connect_failed | connect_timeout | tls_refused (a metrics label)
 
 
 class ConnectionLost(Exception):
@@ -487,6 +492,7 @@ class ApnsClient:
                 # holds it: report "retry" rather than fail the caller's whole job.
                 log.warning("APNs client for %s used after close; %d push(es) to retry",
                             topic, len(tokens))
+                metrics.apns_unanswered("client_closed", len(tokens))
                 return [PushResult(t, None, "APNs client closed", None) for t in tokens]
             if os.getpid() != self._pid or not self._thread.is_alive():
                 # A forked child has the client but not its thread: waiting would hang.
@@ -587,11 +593,15 @@ class ApnsClient:
             try:
                 connection = await self._slot()
             except (ConnectError, CircuitOpen) as exc:
+                metrics.apns_unanswered(exc.kind if isinstance(exc, ConnectError)
+                                        else "circuit_open")
                 return PushResult(token, None, str(exc)[:_REASON_LIMIT], None)
             worked = connection.answered
+            started = time.perf_counter()
             try:
                 status, apns_id, body = await connection.send(headers, self._timeout)
             except TimeoutError:
+                metrics.apns_unanswered("timeout")
                 return self._failure(token, f"ReadTimeout: no answer within "
                                             f"{self._timeout:g} s")
             except ConnectionLost as exc:
@@ -600,10 +610,15 @@ class ApnsClient:
                 # push is harmless: the device just asks what changed.
                 if attempt == 1 and worked:
                     continue
-                return self._failure(token, _failure_reason(exc, fresh=not worked))
+                reason = _failure_reason(exc, fresh=not worked)
+                metrics.apns_unanswered("tls_refused" if reason.startswith("TLS")
+                                        else "connection_lost")
+                return self._failure(token, reason)
             finally:
                 connection.release()
-            return _result(token, status, apns_id, body)
+            result = _result(token, status, apns_id, body)
+            metrics.apns_answered(status, result.reason, time.perf_counter() - started)
+            return result
         raise AssertionError("unreachable")
 
     def _failure(self, token: str, reason: str) -> PushResult:
@@ -654,13 +669,16 @@ class ApnsClient:
             raise
         except BaseException as exc:  # noqa: BLE001 - reported through the breaker
             if isinstance(exc, asyncio.TimeoutError):
-                reason = f"ConnectTimeout: no answer within {self._timeout:g} s"
+                reason, kind = f"ConnectTimeout: no answer within {self._timeout:g} s", \
+                    "connect_timeout"
             else:
-                reason = _failure_reason(exc, fresh=connected)
+                reason, kind = _failure_reason(exc, fresh=connected), "tls_refused"
                 if "TLS" not in reason:
-                    reason = f"ConnectError ({reason})"
+                    reason, kind = f"ConnectError ({reason})", "connect_failed"
+            metrics.apns_connection(kind)
             self.breaker.failed(reason)
-            raise ConnectError(reason[:_REASON_LIMIT]) from None
+            raise ConnectError(reason[:_REASON_LIMIT], kind) from None
+        metrics.apns_connection("opened")
         self.breaker.succeeded()
         self._connections.append(connection)
         return connection

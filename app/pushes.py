@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +47,7 @@ from sqlalchemy import ColumnElement, Integer, any_, delete, insert, literal, se
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from app import install_state, outbox
+from app import install_state, metrics, outbox
 from app.models import (
     AppleIdentity,
     Card,
@@ -367,6 +367,7 @@ def _deliver_apple(services: Services, jobs: list[_Job], now: dt.datetime) -> li
         if retries:
             session.execute(update(PushJob), retries)  # executemany by primary key
         session.commit()
+    metrics.push_outcomes("apple", Counter(outcome_of.values()))  # once recorded
     return deliveries
 
 
@@ -475,6 +476,7 @@ def _deliver_google(services: Services, jobs: list[_Job], now: dt.datetime) -> l
         if retries:
             session.execute(update(PushJob), retries)
         session.commit()
+    metrics.push_outcomes("google", Counter(states.values()))  # per card: done|retry|failed
     return deliveries
 
 
