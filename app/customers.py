@@ -14,7 +14,8 @@ CSV import rules (also in README):
   last_name, locale, phone, birthday (YYYY-MM-DD).
 - ``consent_<kind>`` columns (yes/no, true/false, 1/0) record a consent
   decision with source ``import``.
-- Any other column becomes a free attribute (points, tier, referral_id ...).
+- Any other column becomes a free attribute (points, tier, referral_id ...); the
+  upsert's rules apply (a cell at most 1000 characters, at most 100 attributes).
 - Columns absent from the file, and blank cells, leave stored values alone.
 - A bad row is reported with its line number and skipped; good rows are kept.
 """
@@ -454,10 +455,27 @@ class RowError:
 
 
 @dataclass
-class ImportReport:
+class UpsertCounts:
+    """An import's tally of upserts."""
+
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+
+    def count(self, result: UpsertResult, changed: list[Customer]) -> None:
+        """Count one upsert; an existing customer that changed joins ``changed`` (their
+        cards are re-rendered)."""
+        if result.created:
+            self.created += 1
+        elif result.changed:
+            self.updated += 1
+            changed.append(result.customer)
+        else:
+            self.unchanged += 1
+
+
+@dataclass
+class ImportReport(UpsertCounts):
     errors: list[RowError] = field(default_factory=list)
     card_problems: list[str] = field(default_factory=list)
 
@@ -508,9 +526,8 @@ def parse_rows(text: str, source: str) -> tuple[list[str], Iterator[_Row | RowEr
     if duplicates:
         raise ImportFileError(f"{source}: column(s) named twice: {', '.join(duplicates)}")
     bad = [h for h in header if h not in STANDARD_FIELDS and h != "external_id"
-           and not (h.startswith(CONSENT_PREFIX)
-                    and STORED_CONSENT_KIND.match(h[len(CONSENT_PREFIX):]))
-           and not ATTRIBUTE_NAME.match(h)]
+           and not (STORED_CONSENT_KIND.match(h[len(CONSENT_PREFIX):])
+                    if h.startswith(CONSENT_PREFIX) else ATTRIBUTE_NAME.match(h))]
     if bad:
         raise ImportFileError(f"{source}: column name(s) not usable as attributes: "
                               f"{', '.join(map(repr, bad))}")
@@ -621,13 +638,7 @@ def _apply_batch(session: Session, tenant_id: int, batch: list[_Row], report: Im
             counts.errors.append(RowError(row.line, str(exc)))
             continue
         assert result is not None
-        if result.created:
-            counts.created += 1
-        elif result.changed:
-            counts.updated += 1
-            changed_customers.append(result.customer)
-        else:
-            counts.unchanged += 1
+        counts.count(result, changed_customers)
     session.flush()
     report.created += counts.created
     report.updated += counts.updated

@@ -43,6 +43,7 @@ from app.customers import (
     CustomerChanges,
     CustomerDataError,
     ImportFileError,
+    UpsertCounts,
     check_consent_kind,
     check_external_id,
     clean_attribute,
@@ -137,10 +138,7 @@ def check_ndjson(data: bytes) -> None:
 
 
 @dataclass
-class BulkReport:
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
+class BulkReport(UpsertCounts):
     errors: list[tuple[int, str]] = field(default_factory=list)
     card_problems: list[str] = field(default_factory=list)
 
@@ -177,13 +175,7 @@ def import_ndjson(session: Session, services: Services, tenant_id: int, path: Pa
             report.errors.append((number, str(exc)))
             continue
         assert result is not None
-        if result.created:
-            report.created += 1
-        elif result.changed:
-            report.updated += 1
-            changed.append(result.customer)
-        else:
-            report.unchanged += 1
+        report.count(result, changed)
         pending += 1
         if pending >= BATCH_SIZE:
             _commit_batch(session, refresher, changed, report)
