@@ -348,7 +348,7 @@ def upsert_customer(session: Session, tenant_id: int, external_id: str,
     raised before anything is written, so the session stays usable.
     """
     check_external_id(external_id)
-    checked = _checked(changes)
+    checked = check_changes(changes)
     if batch is not None:
         customer = batch.customers.get(external_id)
     else:
@@ -363,21 +363,27 @@ def upsert_customer(session: Session, tenant_id: int, external_id: str,
 def update_customer(session: Session, customer: Customer, changes: CustomerChanges, *,
                     source: str) -> UpsertResult:
     """:func:`upsert_customer` for a customer already loaded."""
-    result = _write(session, customer.tenant_id, customer.external_id, customer,
-                    _checked(changes), source, None)
-    return result
+    return _write(session, customer.tenant_id, customer.external_id, customer,
+                  check_changes(changes), source, None)
 
 
-def _checked(changes: CustomerChanges) -> CustomerChanges:
-    """The change with every value in its stored form, or CustomerDataError."""
+def check_consent(kind: str, granted: bool) -> bool:
+    """A consent decision any writer may store (API and NDJSON callers: check_consent_kind)."""
+    if not isinstance(kind, str) or not STORED_CONSENT_KIND.match(kind):
+        raise CustomerDataError(f"consent kind {kind!r}: letters, digits, _ . -; at most 64")
+    if not isinstance(granted, bool):
+        raise CustomerDataError(f"{CONSENT_PREFIX}{kind}: must be true or false")
+    return granted
+
+
+def check_changes(changes: CustomerChanges) -> CustomerChanges:
+    """The change with every value in its stored form, or CustomerDataError (the upsert
+    calls it; a caller may too, to answer a bad value before looking the customer up)."""
     fields = {name: None if value is None else clean_standard(name, value)
               for name, value in changes.fields.items()}
     attributes = {name: clean_attribute(name, value) for name, value in changes.attributes.items()}
     for kind, granted in changes.consents.items():
-        if not isinstance(kind, str) or not STORED_CONSENT_KIND.match(kind):
-            raise CustomerDataError(f"consent kind {kind!r}: letters, digits, _ . -; at most 64")
-        if not isinstance(granted, bool):
-            raise CustomerDataError(f"{CONSENT_PREFIX}{kind}: must be true or false")
+        check_consent(kind, granted)
         if changes.consent_texts is not None and kind not in changes.consent_texts:
             raise ValueError(f"consent {kind!r} was decided but its text was not given")
     return CustomerChanges(fields, attributes, changes.replace_attributes,

@@ -457,7 +457,7 @@ def _upsert(session: Session, hook: InboundHook, mapping: dict[str, Any],
     changes.attributes = dict(extra) if isinstance(extra, dict) else {}
     external_id = _customer_ref(mapping, payload)
     if external_id is None and "email" in changes.fields:
-        known = find_by_email(session, hook.tenant_id, changes.fields["email"])
+        known = find_by_email(session, hook.tenant_id, normalize_email(changes.fields["email"]))
         external_id = known.external_id if known is not None else None
     if external_id is None:
         raise EventError("a new customer needs an id (mapping: customer)")

@@ -228,8 +228,8 @@ def test_values_no_customer_can_take_are_refused_before_writing(services, demo, 
 
 # -- what changed for some writers when they came to the one upsert -------------------
 
-def test_inbound_hook_attributes_follow_the_upsert_rules(services, demo) -> None:  # type: ignore[no-untyped-def]
-    """Before: a hook stored any JSON as an attribute (nested objects, nulls)."""
+def _hook_receiver(services, demo):  # type: ignore[no-untyped-def]
+    """Posts events to a new inbound hook of the demo tenant; returns (status, error)."""
     with services.db.transaction() as session:
         tenant = session.scalar(select(Tenant).where(Tenant.slug == "demo"))
         hook, secret = webhooks_in.create_hook(session, tenant, "loyalty")
@@ -241,7 +241,12 @@ def test_inbound_hook_attributes_follow_the_upsert_rules(services, demo) -> None
             received = webhooks_in.receive(session, services, hook, {"X-Secret-Key": secret},
                                            json.dumps(event).encode())
             return received.status, received.event.error
+    return receive
 
+
+def test_inbound_hook_attributes_follow_the_upsert_rules(services, demo) -> None:  # type: ignore[no-untyped-def]
+    """Before: a hook stored any JSON as an attribute (nested objects, nulls)."""
+    receive = _hook_receiver(services, demo)
     status, error = receive({"id": "e-1", "type": "customer.updated",
                              "customer": {"id": "C-1004", "attributes": {"profile": {"a": 1}}}})
     assert status == "failed" and "must be text, a number" in str(error)
@@ -252,6 +257,18 @@ def test_inbound_hook_attributes_follow_the_upsert_rules(services, demo) -> None
     with services.db.session() as session:
         assert find_customer(session, demo["tenant_id"], "C-1004").attributes == {
             "points": 0, "tier": "Silver"}
+
+
+def test_inbound_hook_finds_a_customer_by_email_as_typed(services, demo) -> None:  # type: ignore[no-untyped-def]
+    receive = _hook_receiver(services, demo)
+    status, _ = receive({"id": "e-1", "type": "customer.updated",
+                         "data": {"email": " LENA.Mueller@Example.com ", "first_name": "Léna"}})
+    assert status == "applied"
+    with services.db.session() as session:
+        assert find_customer(session, demo["tenant_id"], "C-1003").first_name == "Léna"
+    status, error = receive({"id": "e-2", "type": "customer.updated",
+                             "data": {"email": "nobody@example.com", "first_name": "X"}})
+    assert (status, error) == ("failed", "a new customer needs an id (mapping: customer)")
 
 
 def test_csv_import_attributes_follow_the_upsert_rules(services, demo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -273,10 +290,13 @@ def test_a_crm_value_no_customer_can_take_is_skipped_and_the_rest_copied(service
     caplog.set_level(logging.WARNING)
     record = CrmRecord(external_id="R-1", email="r1@example.com", first_name="Rita",
                        attributes={"points": 42, "profile": {"secret": "x"},
-                                   "bio": "y" * 5000})
+                                   "bio": "y" * 5000},
+                       consents={"sms": True, "bad kind!": True})
     with services.db.transaction(demo["tenant_id"]) as session:
         customer = store_record(session, services, demo["tenant_id"], record)
         assert customer.attributes == {"points": 42}
         assert customer.email == "r1@example.com" and customer.crm_fetched_at is not None
+    assert _consents(services, "R-1") == [("sms", True, "crm")]
     assert "attributes.profile" in caplog.text and "attributes.bio" in caplog.text
+    assert "consents.bad kind!" in caplog.text
     assert "secret" not in caplog.text and "yyyy" not in caplog.text

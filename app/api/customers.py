@@ -82,7 +82,7 @@ def _changes(data: CustomerWrite, attributes: dict[str, Any] | None,
         changes.fields[name] = value if value is None or name == "birthday" else str(value)
     changes.attributes = dict(attributes or {})
     changes.consents = dict(data.consents)
-    return changes
+    return customers.check_changes(changes)  # a bad value is a 422 before an unknown id's 404
 
 
 def _write(external_id: str, changes: customers.CustomerChanges, *, create: bool,

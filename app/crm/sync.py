@@ -30,6 +30,7 @@ from app.customers import (
     CustomerConflict,
     CustomerDataError,
     UpsertResult,
+    check_consent,
     clean_attribute,
     clean_standard,
     email_owner,
@@ -132,9 +133,11 @@ def _changes(session: Session, tenant_id: int, external_id: str, local: Customer
                                                lambda n=name, v=value: clean_attribute(n, v))
     for kind, granted in record.consents.items():
         if f"consents.{kind}" in provided:
-            changes.consents[kind] = granted
+            changes.consents[kind] = _usable(record, f"consents.{kind}",
+                                             lambda k=kind, g=granted: check_consent(k, g))
     changes.fields = {k: v for k, v in changes.fields.items() if v is not _SKIP}
     changes.attributes = {k: v for k, v in changes.attributes.items() if v is not _SKIP}
+    changes.consents = {k: v for k, v in changes.consents.items() if v is not _SKIP}
     return changes
 
 
