@@ -1,4 +1,12 @@
-"""Customers: validation, upsert by external id, and CSV import.
+"""Customers: validation, the one upsert every writer uses, consents, and CSV import.
+
+Every customer write (CSV and NDJSON imports, the API, forms, CRM reads,
+inbound hooks, the dashboard and the demo) goes through :func:`upsert_customer`
+(or :func:`update_customer` for a customer already loaded): the same field
+and attribute rules, the same email ownership check (an address belongs to one
+customer per tenant), consents appended with their source, and one answer to
+"did anything change". It only flushes; the caller owns the transaction.
+``customer.updated`` events follow from the flushed changes (app/webhooks_out.py).
 
 CSV import rules (also in README):
 - ``external_id`` is required; rows are upserted by it within the tenant.
@@ -6,7 +14,8 @@ CSV import rules (also in README):
   last_name, locale, phone, birthday (YYYY-MM-DD).
 - ``consent_<kind>`` columns (yes/no, true/false, 1/0) record a consent
   decision with source ``import``.
-- Any other column becomes a free attribute (points, tier, referral_id ...).
+- Any other column becomes a free attribute (points, tier, referral_id ...); the
+  upsert's rules apply (a cell at most 1000 characters, at most 100 attributes).
 - Columns absent from the file, and blank cells, leave stored values alone.
 - A bad row is reported with its line number and skipped; good rows are kept.
 """
@@ -16,9 +25,10 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import math
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +50,26 @@ BATCH_SIZE = 500
 MAX_EMAIL_INPUT = 320
 _TRUE = {"1", "true", "yes", "y", "oui", "ano", "ja"}
 _FALSE = {"0", "false", "no", "n", "non", "ne", "nein"}
-_ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+#: Any consent kind stored (inbound hooks make ``list_<name>`` kinds with capitals, dots, dashes).
+STORED_CONSENT_KIND = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+#: Consent kinds the API and NDJSON imports accept (stricter: their callers name kinds).
+CONSENT_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_EXTERNAL_ID = 128
+MAX_ATTRIBUTE_TEXT = 1000
+MAX_ATTRIBUTES = 100
+#: JSON numbers beyond this lose precision in JavaScript clients and mean nothing on a card.
+MAX_ATTRIBUTE_NUMBER = 10**15
+EMAIL_TAKEN = "email is already used by another customer"
+ID_OR_EMAIL_TAKEN = "external_id or email is already used by another customer"
 
 
 class CustomerDataError(ValueError):
     """A value a customer record cannot take; the message names the field."""
+
+
+class CustomerConflict(CustomerDataError):
+    """The write would give a customer another customer's email (or external id)."""
 
 
 class ImportFileError(ValueError):
@@ -126,7 +151,14 @@ def parse_consent(kind: str, value: str) -> bool:
     raise CustomerDataError(f"{CONSENT_PREFIX}{kind}: {value!r} is not yes/no")
 
 
-def clean_standard(name: str, value: str) -> Any:
+def clean_standard(name: str, value: str | dt.date) -> Any:
+    """A standard field's stored form; idempotent, so a cleaned value passes again."""
+    if name == "birthday" and isinstance(value, dt.date):
+        return parse_birthday(value.isoformat())
+    if name not in STANDARD_FIELDS:
+        raise CustomerDataError(f"{name}: not a customer field")
+    if not isinstance(value, str):
+        raise CustomerDataError(f"{name}: must be text")
     value = value.strip()
     if name == "email":
         return normalize_email(value)
@@ -138,6 +170,45 @@ def clean_standard(name: str, value: str) -> Any:
     if len(value) > limit:
         raise CustomerDataError(f"{name}: longer than {limit} characters")
     return value
+
+
+def check_external_id(value: str) -> str:
+    """External ids are the caller's keys: 1-128 printable characters, no surrounding space."""
+    if not isinstance(value, str) or not value or len(value) > MAX_EXTERNAL_ID \
+            or value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise CustomerDataError("external_id must be 1 to 128 printable characters "
+                                "without surrounding spaces")
+    return value
+
+
+def clean_attribute(name: str, value: Any) -> Any:
+    """An attribute value as stored: text, number, boolean, or None (= remove)."""
+    if not isinstance(name, str) or not ATTRIBUTE_NAME.match(name):
+        raise CustomerDataError(f"attribute name {name!r} is not usable (letters, digits, "
+                                f"_ . -; at most 64)")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if abs(value) > MAX_ATTRIBUTE_NUMBER:
+            raise CustomerDataError(f"attribute {name}: number out of range")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > MAX_ATTRIBUTE_NUMBER:
+            raise CustomerDataError(f"attribute {name}: number out of range")
+        return value
+    if isinstance(value, str):
+        if len(value) > MAX_ATTRIBUTE_TEXT or "\x00" in value:
+            raise CustomerDataError(f"attribute {name}: text longer than {MAX_ATTRIBUTE_TEXT} "
+                                    f"characters or containing NUL")
+        return value
+    raise CustomerDataError(f"attribute {name}: must be text, a number, true/false or null")
+
+
+def check_consent_kind(kind: str) -> str:
+    """A consent kind named by an API or NDJSON caller."""
+    if not isinstance(kind, str) or not CONSENT_KIND.match(kind):
+        raise CustomerDataError(f"consent kind {kind!r}: lowercase letters, digits and _")
+    return kind
 
 
 def apply_changes(customer: Customer, values: dict[str, Any], attributes: dict[str, Any]) -> bool:
@@ -189,6 +260,195 @@ def _keep_current(session: Session, consent: Consent) -> None:
         where=CurrentConsent.recorded_at <= statement.excluded.recorded_at))
 
 
+# -- the one write path ---------------------------------------------------------------
+
+@dataclass
+class CustomerChanges:
+    """A change to one customer, as any writer asks for it; :func:`upsert_customer` checks it.
+
+    ``fields``: standard field -> value (text as received, or already cleaned), None clears.
+    ``attributes``: merged into the stored ones; a None value removes that attribute.
+    ``replace_attributes``: drop every attribute not named in ``attributes`` first.
+    ``consents``: kind -> granted, appended with the write's source unless it repeats the
+    current decision; ``consent_texts``: the sentence shown per kind, when a form showed one.
+    """
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    replace_attributes: bool = False
+    consents: dict[str, bool] = field(default_factory=dict)
+    consent_texts: Mapping[str, str] | None = None
+
+
+@dataclass
+class UpsertResult:
+    customer: Customer
+    created: bool
+    #: What changed, named as CRM records name it: ``first_name``, ``attributes.points``,
+    #: ``consents.marketing_email``. Empty: nothing written (no ``customer.updated`` follows).
+    changed_fields: set[str]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changed_fields)
+
+    @property
+    def data_changed(self) -> bool:
+        """Fields or attributes changed (what cards show), consents aside."""
+        return any(not name.startswith("consents.") for name in self.changed_fields)
+
+
+@dataclass
+class UpsertBatch:
+    """One import batch's customers and email owners, read in two queries instead of two
+    per row. Rows are written without savepoint or flush: the caller flushes the batch and
+    redoes it row by row (without a batch) if the database still refuses it."""
+
+    customers: dict[str, Customer]
+    email_owners: dict[str, str]  # email -> external_id
+
+    @classmethod
+    def load(cls, session: Session, tenant_id: int, external_ids: set[str],
+             emails: set[str]) -> UpsertBatch:
+        customers = {c.external_id: c for c in session.scalars(select(Customer).where(
+            Customer.tenant_id == tenant_id, Customer.external_id.in_(external_ids)))}
+        owners = dict(session.execute(
+            select(Customer.email, Customer.external_id)
+            .where(Customer.tenant_id == tenant_id, Customer.email.in_(emails))).all()) \
+            if emails else {}
+        return cls(customers, owners)  # type: ignore[arg-type]
+
+
+def find_customer(session: Session, tenant_id: int, external_id: str) -> Customer | None:
+    return session.scalar(select(Customer).where(Customer.tenant_id == tenant_id,
+                                                 Customer.external_id == external_id))
+
+
+def find_by_email(session: Session, tenant_id: int, email: str) -> Customer | None:
+    """The customer holding this (normalized) address in the tenant, if any."""
+    return session.scalar(select(Customer).where(Customer.tenant_id == tenant_id,
+                                                 Customer.email == email))
+
+
+def email_owner(session: Session, tenant_id: int, email: str) -> str | None:
+    """The external id of the customer holding this (normalized) address, if any."""
+    return session.scalar(select(Customer.external_id).where(Customer.tenant_id == tenant_id,
+                                                             Customer.email == email))
+
+
+def upsert_customer(session: Session, tenant_id: int, external_id: str,
+                    changes: CustomerChanges, *, source: str, create: bool = True,
+                    only_create: bool = False,
+                    batch: UpsertBatch | None = None) -> UpsertResult | None:
+    """Create or change the tenant's customer with this external id; flushes, never commits.
+
+    None if the customer is absent and ``create`` is False. Raises CustomerDataError
+    for a value no customer can take, and CustomerConflict when the email belongs to
+    another customer (or, with ``only_create``, the external id is taken); both are
+    raised before anything is written, so the session stays usable.
+    """
+    check_external_id(external_id)
+    checked = check_changes(changes)
+    if batch is not None:
+        customer = batch.customers.get(external_id)
+    else:
+        customer = find_customer(session, tenant_id, external_id)
+    if customer is None and not create:
+        return None
+    if customer is not None and only_create:
+        raise CustomerConflict(f"external_id: {external_id!r} is already used by another customer")
+    return _write(session, tenant_id, external_id, customer, checked, source, batch)
+
+
+def update_customer(session: Session, customer: Customer, changes: CustomerChanges, *,
+                    source: str) -> UpsertResult:
+    """:func:`upsert_customer` for a customer already loaded."""
+    return _write(session, customer.tenant_id, customer.external_id, customer,
+                  check_changes(changes), source, None)
+
+
+def check_consent(kind: str, granted: bool) -> bool:
+    """A consent decision any writer may store (API and NDJSON callers: check_consent_kind)."""
+    if not isinstance(kind, str) or not STORED_CONSENT_KIND.match(kind):
+        raise CustomerDataError(f"consent kind {kind!r}: letters, digits, _ . -; at most 64")
+    if not isinstance(granted, bool):
+        raise CustomerDataError(f"{CONSENT_PREFIX}{kind}: must be true or false")
+    return granted
+
+
+def check_changes(changes: CustomerChanges) -> CustomerChanges:
+    """The change with every value in its stored form, or CustomerDataError (the upsert
+    calls it; a caller may too, to answer a bad value before looking the customer up)."""
+    fields = {name: None if value is None else clean_standard(name, value)
+              for name, value in changes.fields.items()}
+    attributes = {name: clean_attribute(name, value) for name, value in changes.attributes.items()}
+    for kind, granted in changes.consents.items():
+        check_consent(kind, granted)
+        if changes.consent_texts is not None and kind not in changes.consent_texts:
+            raise ValueError(f"consent {kind!r} was decided but its text was not given")
+    return CustomerChanges(fields, attributes, changes.replace_attributes,
+                           dict(changes.consents), changes.consent_texts)
+
+
+def _write(session: Session, tenant_id: int, external_id: str, customer: Customer | None,
+           changes: CustomerChanges, source: str, batch: UpsertBatch | None) -> UpsertResult:
+    email = changes.fields.get("email")
+    if email is not None:
+        owner = batch.email_owners.get(email) if batch is not None \
+            else email_owner(session, tenant_id, email)
+        if owner is not None and owner != external_id:
+            raise CustomerConflict(EMAIL_TAKEN)
+    current = dict(customer.attributes or {}) if customer is not None else {}
+    merged = {} if changes.replace_attributes else dict(current)
+    for name, value in changes.attributes.items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = value
+    if len(merged) > MAX_ATTRIBUTES and len(merged) > len(current):
+        raise CustomerDataError(f"a customer has at most {MAX_ATTRIBUTES} attributes")
+    if batch is not None:  # the caller flushes the batch and handles the database's refusal
+        result = _apply(session, tenant_id, external_id, customer, changes, merged, source)
+        batch.customers[external_id] = result.customer
+    else:
+        try:
+            with session.begin_nested():  # a concurrent writer's row: nothing half written
+                result = _apply(session, tenant_id, external_id, customer, changes, merged,
+                                source)
+                session.flush()
+        except IntegrityError:
+            raise CustomerConflict(ID_OR_EMAIL_TAKEN) from None
+    if email is not None and batch is not None:
+        batch.email_owners[email] = external_id
+    return result
+
+
+def _apply(session: Session, tenant_id: int, external_id: str, customer: Customer | None,
+           changes: CustomerChanges, merged: dict[str, Any], source: str) -> UpsertResult:
+    created = customer is None
+    if customer is None:
+        customer = Customer(tenant_id=tenant_id, external_id=external_id, attributes={})
+        session.add(customer)
+    changed: set[str] = set()
+    for name, value in changes.fields.items():
+        if getattr(customer, name) != value:
+            setattr(customer, name, value)
+            changed.add(name)
+    current = dict(customer.attributes or {})
+    if merged != current:
+        changed.update(f"attributes.{name}" for name in set(current) | set(merged)
+                       if current.get(name, _ABSENT) != merged.get(name, _ABSENT))
+        customer.attributes = merged
+    texts = changes.consent_texts or {}
+    for kind, granted in changes.consents.items():
+        if record_consent(session, customer, kind, granted, source, texts.get(kind)):
+            changed.add(f"consents.{kind}")
+    return UpsertResult(customer, created, changed)
+
+
+_ABSENT = object()
+
+
 # -- CSV import -----------------------------------------------------------------------
 
 @dataclass
@@ -201,10 +461,27 @@ class RowError:
 
 
 @dataclass
-class ImportReport:
+class UpsertCounts:
+    """An import's tally of upserts."""
+
     created: int = 0
     updated: int = 0
     unchanged: int = 0
+
+    def count(self, result: UpsertResult, changed: list[Customer]) -> None:
+        """Count one upsert; an existing customer that changed joins ``changed`` (their
+        cards are re-rendered)."""
+        if result.created:
+            self.created += 1
+        elif result.changed:
+            self.updated += 1
+            changed.append(result.customer)
+        else:
+            self.unchanged += 1
+
+
+@dataclass
+class ImportReport(UpsertCounts):
     errors: list[RowError] = field(default_factory=list)
     card_problems: list[str] = field(default_factory=list)
 
@@ -255,7 +532,8 @@ def parse_rows(text: str, source: str) -> tuple[list[str], Iterator[_Row | RowEr
     if duplicates:
         raise ImportFileError(f"{source}: column(s) named twice: {', '.join(duplicates)}")
     bad = [h for h in header if h not in STANDARD_FIELDS and h != "external_id"
-           and not h.startswith(CONSENT_PREFIX) and not _ATTRIBUTE_NAME.match(h)]
+           and not (STORED_CONSENT_KIND.match(h[len(CONSENT_PREFIX):])
+                    if h.startswith(CONSENT_PREFIX) else ATTRIBUTE_NAME.match(h))]
     if bad:
         raise ImportFileError(f"{source}: column name(s) not usable as attributes: "
                               f"{', '.join(map(repr, bad))}")
@@ -350,48 +628,23 @@ def _import_batch(session: Session, tenant_id: int, batch: list[_Row], report: I
 
 def _apply_batch(session: Session, tenant_id: int, batch: list[_Row], report: ImportReport,
                  *, per_row: bool) -> list[Customer]:
-    ids = {row.external_id for row in batch}
-    emails = {row.values["email"] for row in batch if "email" in row.values}
-    existing = {c.external_id: c for c in session.scalars(
-        select(Customer).where(Customer.tenant_id == tenant_id, Customer.external_id.in_(ids)))}
-    email_owner = dict(session.execute(
-        select(Customer.email, Customer.external_id)
-        .where(Customer.tenant_id == tenant_id, Customer.email.in_(emails))).all()) if emails else {}
+    # Fast path: one read for the batch, one flush at the end. Row by row (after the
+    # database refused the batch): each row in its own savepoint, read fresh.
+    cache = None if per_row else UpsertBatch.load(
+        session, tenant_id, {row.external_id for row in batch},
+        {row.values["email"] for row in batch if "email" in row.values})
     counts = ImportReport()
     changed_customers: list[Customer] = []
     for row in batch:
-        owner = email_owner.get(row.values.get("email"))
-        if owner is not None and owner != row.external_id:
-            counts.errors.append(RowError(row.line, "email is already used by another customer"))
-            continue
-        savepoint = session.begin_nested() if per_row else None
+        changes = CustomerChanges(row.values, row.attributes, consents=row.consents)
         try:
-            customer = existing.get(row.external_id)
-            created = customer is None
-            if customer is None:
-                customer = Customer(tenant_id=tenant_id, external_id=row.external_id, attributes={})
-                session.add(customer)
-                existing[row.external_id] = customer
-            changed = apply_changes(customer, row.values, row.attributes)
-            for kind, granted in row.consents.items():
-                changed = record_consent(session, customer, kind, granted, "import") or changed
-            if per_row:
-                session.flush()
-                savepoint.commit()  # type: ignore[union-attr]
-        except IntegrityError:
-            savepoint.rollback()  # type: ignore[union-attr]
-            existing.pop(row.external_id, None)
-            counts.errors.append(RowError(row.line, "conflicts with another customer"))
+            result = upsert_customer(session, tenant_id, row.external_id, changes,
+                                     source="import", batch=cache)
+        except CustomerDataError as exc:
+            counts.errors.append(RowError(row.line, str(exc)))
             continue
-        if "email" in row.values:
-            email_owner[row.values["email"]] = row.external_id
-        if created:
-            counts.created += 1
-        elif changed:
-            counts.updated += 1
-            changed_customers.append(customer)
-        else:
-            counts.unchanged += 1
+        assert result is not None
+        counts.count(result, changed_customers)
     session.flush()
     report.created += counts.created
     report.updated += counts.updated

@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app import cards, certs, imports, links
-from app.customers import CustomerDataError, clean_standard
+from app import cards, certs, links
+from app.customers import CustomerChanges, check_external_id, upsert_customer
 from app.models import (
     AppleIdentity,
     AuditEntry,
@@ -499,30 +498,17 @@ def create_customer(session: Session, tenant_id: int, external_id: str,
                     values: dict[str, str]) -> Customer:
     """A new customer from the dashboard form; ``CustomerDataError`` names what is wrong.
 
-    Blank fields stay empty; email and locale are normalised as the import does.
-    An external id or email already used in the tenant is refused (checked first,
-    and again by the unique constraints inside a savepoint, so a concurrent
-    writer gives the same error and nothing is half saved). Nothing is committed.
+    Blank fields stay empty; the rest is checked by the one customer upsert. An
+    external id or email already used in the tenant is refused, and nothing is
+    half saved. Nothing is committed.
     """
-    external_id = imports.check_external_id(external_id)
-    cleaned = {name: clean_standard(name, values[name]) for name in NEW_CUSTOMER_FIELDS
-               if (values.get(name) or "").strip()}
-    if session.scalar(select(Customer.id).where(Customer.tenant_id == tenant_id,
-                                                Customer.external_id == external_id)):
-        raise CustomerDataError(f"external_id: {external_id!r} is already used by another customer")
-    if "email" in cleaned and session.scalar(select(Customer.id).where(
-            Customer.tenant_id == tenant_id, Customer.email == cleaned["email"])):
-        raise CustomerDataError("email: this address is already used by another customer")
-    customer = Customer(tenant_id=tenant_id, external_id=external_id, attributes={}, **cleaned)
-    savepoint = session.begin_nested()
-    try:
-        session.add(customer)
-        session.flush()
-    except IntegrityError:
-        savepoint.rollback()
-        raise CustomerDataError("external_id or email is already used by another customer") from None
-    savepoint.commit()
-    return customer
+    external_id = check_external_id(external_id)
+    fields = {name: values[name] for name in NEW_CUSTOMER_FIELDS
+              if (values.get(name) or "").strip()}
+    result = upsert_customer(session, tenant_id, external_id, CustomerChanges(fields),
+                             source="dashboard", only_create=True)
+    assert result is not None
+    return result.customer
 
 
 @dataclass(frozen=True)

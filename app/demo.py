@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app import certs
 from app.cards import ensure_card
-from app.customers import apply_changes, normalize_email, record_consent
+from app.customers import CustomerChanges, find_customer, upsert_customer
 from app.models import AppleIdentity, Customer, Program, Tenant
 
 if TYPE_CHECKING:
@@ -70,14 +70,13 @@ def seed(session: Session, services: Services) -> DemoSeed:
     ]
     customers = []
     for external_id, email, first, last, locale, attributes in DEMO_CUSTOMERS:
-        customer = session.scalar(select(Customer).where(
-            Customer.tenant_id == tenant.id, Customer.external_id == external_id))
-        if customer is None:
-            customer = Customer(tenant_id=tenant.id, external_id=external_id, attributes={})
-            session.add(customer)
-            apply_changes(customer, {"email": normalize_email(email), "first_name": first, "last_name": last,
-                                     "locale": locale}, attributes)
-            record_consent(session, customer, "marketing_email", True, "demo")
+        customer = find_customer(session, tenant.id, external_id)
+        if customer is None:  # seeded once: a demo customer changed since is left as it is
+            written = upsert_customer(session, tenant.id, external_id, CustomerChanges(
+                {"email": email, "first_name": first, "last_name": last, "locale": locale},
+                attributes, consents={"marketing_email": True}), source="demo")
+            assert written is not None
+            customer = written.customer
         customers.append(customer)
     session.flush()
     for program in programs:

@@ -54,12 +54,20 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import card_mail, crm, funnel, i18n, updates, webhooks_out
 from app.cards import ensure_card
-from app.customers import CustomerDataError, normalize_email, parse_birthday, record_consent
+from app.customers import (
+    CustomerChanges,
+    CustomerConflict,
+    CustomerDataError,
+    find_by_email,
+    normalize_email,
+    parse_birthday,
+    update_customer,
+    upsert_customer,
+)
 from app.models import Card, Customer, FormSubmission, Program, utcnow
 
 if TYPE_CHECKING:
@@ -392,43 +400,36 @@ def _known_member(session: Session, services: Services, tenant_id: int,
 
 
 def _local_member(session: Session, tenant_id: int, email: str) -> Customer | None:
-    return session.scalar(select(Customer).where(Customer.tenant_id == tenant_id,
-                                                  Customer.email == email))
+    return find_by_email(session, tenant_id, email)
 
 
 def _create(session: Session, program: Program, submission: Submission, locale: str, *,
             held: bool = False) -> Customer | None:
     """A new customer from the form; None if the email was taken meanwhile (a race)."""
-    values = dict(submission.values)
+    fields = {k: v for k, v in submission.values.items() if v is not None}
     attributes = {k: v for k, v in submission.attributes.items() if v is not None}
     if held:
-        values.pop("email")
+        fields.pop("email")
         attributes[HELD_ATTRIBUTE] = "email_known"
-    customer = Customer(tenant_id=program.tenant_id, external_id=new_external_id(),
-                        locale=i18n.primary(locale) or i18n.DEFAULT,
-                        attributes=attributes,
-                        **{k: v for k, v in values.items() if v is not None})
+    fields.setdefault("locale", i18n.primary(locale) or i18n.DEFAULT)
     try:
-        with session.begin_nested():
-            session.add(customer)
-            session.flush()
-    except IntegrityError:
+        result = upsert_customer(session, program.tenant_id, new_external_id(),
+                                 CustomerChanges(fields, attributes), source="enrollment",
+                                 only_create=True)
+    except CustomerConflict:
         if held:
             raise
         return None
-    return customer
+    assert result is not None
+    return result.customer
 
 
 def _record_consents(session: Session, customer: Customer, decisions: Mapping[str, bool],
                      texts: Mapping[str, str], source: str) -> set[str]:
     """Append each decision with the exact sentence shown; the kinds that changed."""
-    changed = set()
-    for kind, granted in decisions.items():
-        if kind not in texts:
-            raise ValueError(f"consent {kind!r} was decided but its text was not given")
-        if record_consent(session, customer, kind, granted, source, texts[kind]):
-            changed.add(kind)
-    return changed
+    result = update_customer(session, customer, CustomerChanges(
+        consents=dict(decisions), consent_texts=texts), source=source)
+    return {name.removeprefix("consents.") for name in result.changed_fields}
 
 
 # -- enrichment ---------------------------------------------------------------------------
@@ -460,39 +461,20 @@ def enrich(session: Session, services: Services, customer: Customer, form_data: 
                          program.id)
                 return set()
             row.fingerprint = fingerprint  # sent again with other values: a new edit
-    changed = _apply(customer, submission)
+    fields = dict(submission.values)
     if customer.locale is None and i18n.primary(locale):
-        customer.locale = i18n.primary(locale)
-        changed.add("locale")
-    card_fields = set(changed)
-    kinds = _record_consents(session, customer, submission.consents, consent_texts_shown, "form")
-    changed |= {f"consents.{kind}" for kind in kinds}
+        fields["locale"] = i18n.primary(locale)
+    result = update_customer(session, customer, CustomerChanges(
+        fields, submission.attributes, consents=submission.consents,
+        consent_texts=consent_texts_shown), source="form")
+    changed = result.changed_fields
     if changed:
         crm.record_write(session, customer, "update", sorted(changed))
-    if card_fields:
+    if result.data_changed:
         updates.customers_changed(session, services, [customer])
     if source is not None:
         funnel.record(session, source, "enriched" if purpose == "enrich" else "consented",
                       customer=customer, platform=platform)
-    return changed
-
-
-def _apply(customer: Customer, submission: Submission) -> set[str]:
-    changed = set()
-    for name, value in submission.values.items():
-        if getattr(customer, name) != value:
-            setattr(customer, name, value)
-            changed.add(name)
-    attributes = dict(customer.attributes or {})
-    for name, value in submission.attributes.items():
-        if attributes.get(name) != value:
-            if value is None:
-                attributes.pop(name, None)
-            else:
-                attributes[name] = value
-            changed.add(f"attributes.{name}")
-    if attributes != (customer.attributes or {}):
-        customer.attributes = attributes
     return changed
 
 

@@ -1,9 +1,8 @@
 """Customer writes from the API: single upserts, and bulk imports run as background jobs.
 
-Single records (PUT/PATCH on the API) and NDJSON lines follow one rule set,
-the one the CSV import already uses for fields (``app.customers``): the
-standard fields are cleaned by the same functions, consents are appended with
-their source, attributes are free. CSV uploads go through
+Single records (PUT/PATCH on the API) and NDJSON lines are written by
+``customers.upsert_customer``, the one write path of every customer: the
+same field, attribute and email rules as everywhere. CSV uploads go through
 ``customers.import_csv`` itself, so a file behaves the same from the shell
 and from the API.
 
@@ -26,14 +25,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
-import re
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
@@ -43,13 +40,18 @@ from app.bulk import RenderPool
 from app.customers import (
     BATCH_SIZE,
     STANDARD_FIELDS,
+    CustomerChanges,
     CustomerDataError,
     ImportFileError,
-    apply_changes,
+    UpsertCounts,
+    check_consent_kind,
+    check_external_id,
+    clean_attribute,
     clean_standard,
     import_csv,
-    record_consent,
+    upsert_customer,
 )
+from app.customers import MAX_ATTRIBUTE_NUMBER as MAX_ATTRIBUTE_NUMBER  # for app.segments
 from app.db import IMPORT_DISPATCH_KEY
 from app.models import Customer, ImportJob, utcnow
 
@@ -59,13 +61,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMATS = ("csv", "ndjson")
-ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
-CONSENT_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-MAX_EXTERNAL_ID = 128
-MAX_ATTRIBUTE_TEXT = 1000
-MAX_ATTRIBUTES = 100
-#: JSON numbers beyond this lose precision in JavaScript clients and mean nothing on a card.
-MAX_ATTRIBUTE_NUMBER = 10**15
 MAX_ROW_ERRORS = 1000  # a job keeps this many row errors; the count says how many there were
 LEASE = dt.timedelta(minutes=5)  # a running job's lease, renewed every HEARTBEAT
 HEARTBEAT = dt.timedelta(minutes=1)
@@ -73,112 +68,9 @@ REQUEUE_AFTER = dt.timedelta(minutes=2)  # a queued job nobody took is queued ag
 MAX_ATTEMPTS = 3  # runs a job may start; a file that kills the worker every time ends "failed"
 
 
-class CustomerConflict(ValueError):
-    """The change would give a customer another customer's email."""
-
-
-def check_external_id(value: str) -> str:
-    """External ids are the caller's keys: 1-128 printable characters, no surrounding space."""
-    if not value or len(value) > MAX_EXTERNAL_ID or value != value.strip() \
-            or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise CustomerDataError("external_id must be 1 to 128 printable characters "
-                                "without surrounding spaces")
-    return value
-
-
-def clean_attribute(name: str, value: Any) -> Any:
-    """An attribute value as stored: text, number, boolean, or None (= remove)."""
-    if not ATTRIBUTE_NAME.match(name):
-        raise CustomerDataError(f"attribute name {name!r} is not usable (letters, digits, "
-                                f"_ . -; at most 64)")
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        if abs(value) > MAX_ATTRIBUTE_NUMBER:
-            raise CustomerDataError(f"attribute {name}: number out of range")
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value) or abs(value) > MAX_ATTRIBUTE_NUMBER:
-            raise CustomerDataError(f"attribute {name}: number out of range")
-        return value
-    if isinstance(value, str):
-        if len(value) > MAX_ATTRIBUTE_TEXT or "\x00" in value:
-            raise CustomerDataError(f"attribute {name}: text longer than {MAX_ATTRIBUTE_TEXT} "
-                                    f"characters or containing NUL")
-        return value
-    raise CustomerDataError(f"attribute {name}: must be text, a number, true/false or null")
-
-
-def check_consent_kind(kind: str) -> str:
-    if not CONSENT_KIND.match(kind):
-        raise CustomerDataError(f"consent kind {kind!r}: lowercase letters, digits and _")
-    return kind
-
-
-@dataclass
-class CustomerChanges:
-    """A validated change to one customer.
-
-    ``fields``: standard field -> cleaned value, or None to clear it.
-    ``attributes``: merged into the stored ones; a None value removes that attribute.
-    ``replace_attributes``: drop every attribute not named in ``attributes`` first.
-    """
-
-    fields: dict[str, Any] = field(default_factory=dict)
-    attributes: dict[str, Any] = field(default_factory=dict)
-    replace_attributes: bool = False
-    consents: dict[str, bool] = field(default_factory=dict)
-
-
-@dataclass
-class UpsertResult:
-    customer: Customer
-    created: bool
-    changed: bool
-
-
 def find_customer(session: Session, external_id: str) -> Customer | None:
-    """In a tenant session: that tenant's customer with this external id."""
+    """In a tenant session: that tenant's customer with this external id (API lookups)."""
     return session.scalar(select(Customer).where(Customer.external_id == external_id))
-
-
-def upsert_customer(session: Session, tenant_id: int, external_id: str, changes: CustomerChanges,
-                    *, source: str, create: bool = True) -> UpsertResult | None:
-    """Create or change one customer; None if absent and ``create`` is False.
-
-    Raises CustomerConflict when the email belongs to another customer (checked
-    before writing, so the session stays usable).
-    """
-    check_external_id(external_id)
-    customer = find_customer(session, external_id)
-    if customer is None and not create:
-        return None
-    email = changes.fields.get("email")
-    if email is not None:
-        owner = session.scalar(select(Customer.external_id).where(
-            Customer.tenant_id == tenant_id, Customer.email == email))
-        if owner is not None and owner != external_id:
-            raise CustomerConflict("email is already used by another customer")
-    created = customer is None
-    if customer is None:
-        customer = Customer(tenant_id=tenant_id, external_id=external_id, attributes={})
-        session.add(customer)
-    current = dict(customer.attributes or {})
-    base = {} if changes.replace_attributes else current
-    merged = {**base, **{k: v for k, v in changes.attributes.items() if v is not None}}
-    for name, value in changes.attributes.items():
-        if value is None:
-            merged.pop(name, None)
-    if len(merged) > MAX_ATTRIBUTES:
-        raise CustomerDataError(f"a customer has at most {MAX_ATTRIBUTES} attributes")
-    changed = apply_changes(customer, changes.fields, {})
-    if merged != current:
-        customer.attributes = merged
-        changed = True
-    for kind, granted in changes.consents.items():
-        changed = record_consent(session, customer, kind, granted, source) or changed
-    session.flush()
-    return UpsertResult(customer, created, changed)
 
 
 # -- NDJSON -----------------------------------------------------------------------------
@@ -246,10 +138,7 @@ def check_ndjson(data: bytes) -> None:
 
 
 @dataclass
-class BulkReport:
-    created: int = 0
-    updated: int = 0
-    unchanged: int = 0
+class BulkReport(UpsertCounts):
     errors: list[tuple[int, str]] = field(default_factory=list)
     card_problems: list[str] = field(default_factory=list)
 
@@ -280,20 +169,13 @@ def import_ndjson(session: Session, services: Services, tenant_id: int, path: Pa
             report.errors.append((number, str(exc) or "invalid record"))
             continue
         try:
-            with session.begin_nested():
-                result = upsert_customer(session, tenant_id, external_id, changes,
-                                         source="import")
-        except (CustomerConflict, CustomerDataError) as exc:
+            result = upsert_customer(session, tenant_id, external_id, changes,
+                                     source="import")
+        except CustomerDataError as exc:
             report.errors.append((number, str(exc)))
             continue
         assert result is not None
-        if result.created:
-            report.created += 1
-        elif result.changed:
-            report.updated += 1
-            changed.append(result.customer)
-        else:
-            report.unchanged += 1
+        report.count(result, changed)
         pending += 1
         if pending >= BATCH_SIZE:
             _commit_batch(session, refresher, changed, report)

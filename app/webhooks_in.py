@@ -51,11 +51,13 @@ from sqlalchemy.orm import Session
 from app import updates
 from app.customers import (
     STANDARD_FIELDS,
+    CustomerChanges,
     CustomerDataError,
-    apply_changes,
-    clean_standard,
+    find_by_email,
+    find_customer,
     normalize_email,
-    record_consent,
+    update_customer,
+    upsert_customer,
 )
 from app.models import Customer, InboundEvent, InboundHook, Tenant, utcnow
 
@@ -365,14 +367,14 @@ def _apply(session: Session, hook: InboundHook, mapping: dict[str, Any], action:
     if action == "upsert":
         customer = _upsert(session, hook, mapping, payload, note)
         return customer, note
-    customer = _find_customer(session, mapping, payload)
+    customer = _find_customer(session, hook, mapping, payload)
     names = mapping["attributes"]
     if action in ("subscribe", "unsubscribe"):
-        kind = _list_kind(mapping, payload)
-        note.changed = record_consent(session, customer, kind, action == "subscribe", "webhook")
-        return customer, note
-    attributes = _action_attributes(action, mapping, names, payload, customer)
-    note.changed = apply_changes(customer, {}, attributes)
+        changes = CustomerChanges(consents={_list_kind(mapping, payload): action == "subscribe"})
+    else:
+        changes = CustomerChanges(
+            attributes=_action_attributes(action, mapping, names, payload, customer))
+    note.changed = update_customer(session, customer, changes, source="webhook").changed
     return customer, note
 
 
@@ -446,44 +448,35 @@ def _expiring(mapping: dict[str, Any], names: dict[str, str],
 
 def _upsert(session: Session, hook: InboundHook, mapping: dict[str, Any],
             payload: dict[str, Any], note: _Note) -> Customer:
-    values: dict[str, Any] = {}
+    changes = CustomerChanges()
     for name, paths in mapping["fields"].items():
         value = _first(paths, payload)
         if value is not None and name in STANDARD_FIELDS and str(value).strip():
-            values[name] = clean_standard(name, str(value))
+            changes.fields[name] = str(value)  # checked by the upsert
     extra = _first(mapping["customer_attributes"], payload)
-    attributes = dict(extra) if isinstance(extra, dict) else {}
+    changes.attributes = dict(extra) if isinstance(extra, dict) else {}
     external_id = _customer_ref(mapping, payload)
-    customer = None
-    if external_id is not None:
-        customer = session.scalar(select(Customer).where(Customer.external_id == external_id))
-    elif "email" in values:
-        customer = session.scalar(select(Customer).where(Customer.email == values["email"]))
-    if customer is None:
-        if external_id is None:
-            raise EventError("a new customer needs an id (mapping: customer)")
-        customer = Customer(tenant_id=hook.tenant_id, external_id=external_id, attributes={})
-        session.add(customer)
-    if "email" in values:
-        owner = session.scalar(select(Customer.id).where(Customer.email == values["email"]))
-        if owner is not None and owner != customer.id:
-            raise EventError("email is already used by another customer")
-    note.changed = apply_changes(customer, values, attributes) and customer.id is not None
-    session.flush()
-    return customer
+    if external_id is None and "email" in changes.fields:
+        known = find_by_email(session, hook.tenant_id, normalize_email(changes.fields["email"]))
+        external_id = known.external_id if known is not None else None
+    if external_id is None:
+        raise EventError("a new customer needs an id (mapping: customer)")
+    result = upsert_customer(session, hook.tenant_id, external_id, changes, source="webhook")
+    assert result is not None
+    note.changed = result.changed and not result.created
+    return result.customer
 
 
-def _find_customer(session: Session, mapping: dict[str, Any],
+def _find_customer(session: Session, hook: InboundHook, mapping: dict[str, Any],
                    payload: dict[str, Any]) -> Customer:
     external_id = _customer_ref(mapping, payload)
     if external_id is not None:
-        customer = session.scalar(select(Customer).where(Customer.external_id == external_id))
+        customer = find_customer(session, hook.tenant_id, external_id)
     else:
         email = _first(mapping["customer_email"], payload)
         if not isinstance(email, str):
             raise EventError("no customer id or email found (mapping: customer)")
-        customer = session.scalar(select(Customer).where(
-            Customer.email == normalize_email(email)))
+        customer = find_by_email(session, hook.tenant_id, normalize_email(email))
     if customer is None:
         raise EventError("unknown customer")
     return customer

@@ -8,7 +8,7 @@ from flask import request
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from app import imports, updates
+from app import customers, imports, updates
 from app.api.core import (
     ApiProblem,
     bp,
@@ -39,7 +39,7 @@ from app.api.schemas import (
     PageQuery,
     RowError,
 )
-from app.customers import STANDARD_FIELDS, CustomerDataError, ImportFileError, clean_standard
+from app.customers import STANDARD_FIELDS, CustomerDataError, ImportFileError
 from app.models import Card, Customer, ImportJob
 
 TAG = "customers"
@@ -62,44 +62,42 @@ def customer_out(customer: Customer, cls: type[CustomerOut] = CustomerOut,
 
 def load_customer(external_id: str) -> Customer:
     try:
-        imports.check_external_id(external_id)
+        customers.check_external_id(external_id)
     except CustomerDataError:
         raise not_found("customer") from None
-    customer = imports.find_customer(db(), external_id)
+    customer = customers.find_customer(db(), tenant_id(), external_id)
     if customer is None:
         raise not_found("customer")
     return customer
 
 
 def _changes(data: CustomerWrite, attributes: dict[str, Any] | None,
-             replace_attributes: bool) -> imports.CustomerChanges:
-    """Standard fields named in the body (null clears), cleaned by the CSV import's rules."""
-    changes = imports.CustomerChanges(replace_attributes=replace_attributes)
+             replace_attributes: bool) -> customers.CustomerChanges:
+    """Standard fields named in the body (null clears); the upsert checks every value."""
+    changes = customers.CustomerChanges(replace_attributes=replace_attributes)
     for name in STANDARD_FIELDS:
         if name not in data.model_fields_set:
             continue
         value = getattr(data, name)
-        changes.fields[name] = None if value is None else clean_standard(
-            name, value.isoformat() if name == "birthday" else str(value))
-    for key, value in (attributes or {}).items():
-        changes.attributes[key] = imports.clean_attribute(key, value)
+        changes.fields[name] = value if value is None or name == "birthday" else str(value)
+    changes.attributes = dict(attributes or {})
     changes.consents = dict(data.consents)
-    return changes
+    return customers.check_changes(changes)  # a bad value is a 422 before an unknown id's 404
 
 
-def _write(external_id: str, changes: imports.CustomerChanges, *, create: bool,
+def _write(external_id: str, changes: customers.CustomerChanges, *, create: bool,
            action: str, fields: set[str]) -> Any:
     session = db()
     try:
-        imports.check_external_id(external_id)
+        customers.check_external_id(external_id)
     except CustomerDataError as exc:
         if not create:
             raise not_found("customer") from None
         raise ApiProblem(422, "Unprocessable Content", str(exc)) from None
     try:
-        result = imports.upsert_customer(session, tenant_id(), external_id, changes,
-                                         source="api", create=create)
-    except imports.CustomerConflict as exc:
+        result = customers.upsert_customer(session, tenant_id(), external_id, changes,
+                                           source="api", create=create)
+    except customers.CustomerConflict as exc:
         session.rollback()
         raise ApiProblem(409, "Conflict", str(exc)) from None
     except CustomerDataError as exc:
@@ -169,9 +167,9 @@ def patch_customer(external_id: str) -> Any:
                   fields=set(data.model_fields_set))
 
 
-def _checked(make: Any) -> imports.CustomerChanges:
+def _checked(make: Any) -> customers.CustomerChanges:
     try:
-        changes: imports.CustomerChanges = make()
+        changes: customers.CustomerChanges = make()
     except CustomerDataError as exc:
         raise ApiProblem(422, "Unprocessable Content", str(exc)) from None
     return changes

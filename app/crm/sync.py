@@ -16,16 +16,28 @@ a fetch: the CRM's value for them is older than ours until delivery.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import updates
 from app.crm import outbox
 from app.crm.connector import STANDARD_FIELDS, CrmRecord, CrmStale, CrmUnavailable, connector_for
-from app.customers import apply_changes, record_consent
+from app.customers import (
+    CustomerChanges,
+    CustomerConflict,
+    CustomerDataError,
+    UpsertResult,
+    check_consent,
+    clean_attribute,
+    clean_standard,
+    email_owner,
+    find_customer,
+    update_customer,
+    upsert_customer,
+)
 from app.models import CrmConnection, Customer, utcnow
 
 if TYPE_CHECKING:
@@ -43,7 +55,7 @@ def load_customer(session: Session, services: Services, tenant_id: int,
     is still waiting in the outbox). CRM down: the local copy if within the
     tenant's staleness limit, else CrmStale.
     """
-    local = _local(session, tenant_id, external_id)
+    local = find_customer(session, tenant_id, external_id)
     try:
         connector = connector_for(session, services, tenant_id)
         if connector.kind == "builtin":
@@ -71,61 +83,75 @@ def store_record(session: Session, services: Services, tenant_id: int, record: C
     re-render its cards if it changed, and mark it fetched now."""
     external_id = external_id or record.external_id
     if local is None:
-        local = _local(session, tenant_id, external_id)
-    created = False
-    if local is None:
-        local, created = _create_local(session, tenant_id, external_id)
-    customer = local
-    changed = _apply(session, customer, record)
+        local = find_customer(session, tenant_id, external_id)
+    try:
+        result = _store(session, tenant_id, external_id, local, record)
+    except CustomerConflict:
+        local = find_customer(session, tenant_id, external_id)  # a concurrent open created it
+        if local is None:
+            raise
+        result = _store(session, tenant_id, external_id, local, record)
+    customer = result.customer
     customer.crm_fetched_at = utcnow()
     session.flush()
-    if changed and not created:
+    if result.changed and not result.created:
         updates.customers_changed(session, services, [customer])
     return customer
 
 
-def _local(session: Session, tenant_id: int, external_id: str) -> Customer | None:
-    return session.scalar(select(Customer).where(Customer.tenant_id == tenant_id,
-                                                 Customer.external_id == external_id))
+def _store(session: Session, tenant_id: int, external_id: str, local: Customer | None,
+           record: CrmRecord) -> UpsertResult:
+    changes = _changes(session, tenant_id, external_id, local, record)
+    if local is not None:
+        return update_customer(session, local, changes, source="crm")
+    result = upsert_customer(session, tenant_id, external_id, changes, source="crm")
+    assert result is not None
+    return result
 
 
-def _create_local(session: Session, tenant_id: int, external_id: str) -> tuple[Customer, bool]:
-    customer = Customer(tenant_id=tenant_id, external_id=external_id, attributes={})
-    try:
-        with session.begin_nested():
-            session.add(customer)
-            session.flush()
-    except IntegrityError:
-        existing = _local(session, tenant_id, external_id)  # a concurrent open created it
-        if existing is None:
-            raise
-        return existing, False
-    return customer, True
-
-
-def _apply(session: Session, customer: Customer, record: CrmRecord) -> bool:
-    """Copy the record's provided fields, except those with writes still undelivered."""
+def _changes(session: Session, tenant_id: int, external_id: str, local: Customer | None,
+             record: CrmRecord) -> CustomerChanges:
+    """The record's provided fields, except those with writes still undelivered, and
+    values the upsert would refuse (logged and skipped: the rest of the copy stays useful)."""
     provided = record.provided()
-    if customer.id is not None:
-        provided = provided - outbox.pending_fields(session, customer.id)
-    values = {name: getattr(record, name) for name in STANDARD_FIELDS if name in provided}
-    if values.get("email") and _email_taken(session, customer, values["email"]):
+    if local is not None and local.id is not None:
+        provided = provided - outbox.pending_fields(session, local.id)
+    changes = CustomerChanges()
+    for name in STANDARD_FIELDS:
+        if name in provided:
+            changes.fields[name] = _usable(record, name, lambda n=name: (
+                None if getattr(record, n) is None else clean_standard(n, getattr(record, n))))
+    email = changes.fields.get("email")
+    if email and email is not _SKIP and email_owner(session, tenant_id, email) not in (
+            None, external_id):
         log.warning("CRM record %s: its email belongs to another local customer; not copied",
                     record.external_id)
-        del values["email"]
-    attributes = {name: value for name, value in record.attributes.items()
-                  if f"attributes.{name}" in provided}
-    changed = apply_changes(customer, values, attributes)
+        changes.fields["email"] = _SKIP
+    for name, value in record.attributes.items():
+        if f"attributes.{name}" in provided:
+            changes.attributes[name] = _usable(record, f"attributes.{name}",
+                                               lambda n=name, v=value: clean_attribute(n, v))
     for kind, granted in record.consents.items():
         if f"consents.{kind}" in provided:
-            changed = record_consent(session, customer, kind, granted, "crm") or changed
-    return changed
+            changes.consents[kind] = _usable(record, f"consents.{kind}",
+                                             lambda k=kind, g=granted: check_consent(k, g))
+    changes.fields = {k: v for k, v in changes.fields.items() if v is not _SKIP}
+    changes.attributes = {k: v for k, v in changes.attributes.items() if v is not _SKIP}
+    changes.consents = {k: v for k, v in changes.consents.items() if v is not _SKIP}
+    return changes
 
 
-def _email_taken(session: Session, customer: Customer, email: str) -> bool:
-    owner = session.scalar(select(Customer.id).where(Customer.tenant_id == customer.tenant_id,
-                                                     Customer.email == email))
-    return owner is not None and owner != customer.id
+_SKIP: Any = object()
+
+
+def _usable(record: CrmRecord, name: str, clean: Callable[[], Any]) -> Any:
+    try:
+        return clean()
+    except CustomerDataError:
+        # The field's name only: the value may be personal data.
+        log.warning("CRM record %s: %s is not a value Passerelle stores; not copied",
+                    record.external_id, name)
+        return _SKIP
 
 
 def _fallback(session: Session, tenant_id: int, external_id: str, local: Customer | None,
