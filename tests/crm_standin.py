@@ -26,6 +26,7 @@ import copy
 import json
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -78,6 +79,9 @@ class CrmStandin:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     log: list[Recorded] = field(default_factory=list)  # every request, with its status
     mode: str = "up"  # up | 503 | closed
+    # Called in the handler thread before each request is answered: e.g. to look at the
+    # caller's database while it waits for the answer.
+    on_request: Callable[[Recorded], None] | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
     _failures: list[int] = field(default_factory=list)
     _connections: set[socket.socket] = field(default_factory=set)
@@ -244,6 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = "<not json>"
         request = Recorded(self.command, parts.path, parse_qs(parts.query),
                            {k.lower(): v for k, v in self.headers.items()}, body)
+        if self.state.on_request is not None:
+            self.state.on_request(request)
         status, answer, headers = self.state.handle(request)
         request.status = status
         with self.state.lock:

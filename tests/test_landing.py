@@ -931,3 +931,49 @@ def test_a_signed_link_visit_reads_the_crm_once(client, services, demo, monkeypa
         assert len(reads) == 1
         assert get(client, f"/l/{issue(services, demo)}").status_code == 200
         assert len([r for r in crm.log if r.method == "GET"]) == 1  # still fresh: not read again
+
+
+# -- no transaction open while the network answers ----------------------------------------
+
+def test_no_transaction_is_open_while_the_landing_reads_the_crm(  # type: ignore[no-untyped-def]
+        client, services, demo, database_url, monkeypatch) -> None:
+    from app.models import CrmConnection
+    from tests.crm_standin import CrmStandin
+    from tests.txn_probe import TransactionProbe
+
+    monkeypatch.setenv("PASSERELLE_TEST_LANDING_CRM", "Bearer t")
+    probe = TransactionProbe(database_url)
+    with CrmStandin(auth_value="Bearer t", on_request=probe) as crm:
+        crm.add({"id": "C-1001", "contact": {"email": "camille.martin@example.com"}})
+        with services.db.transaction(demo["tenant_id"]) as session:
+            session.add(CrmConnection(
+                tenant_id=demo["tenant_id"], kind="http", base_url=crm.url,
+                auth_header="Authorization", auth_value_env="PASSERELLE_TEST_LANDING_CRM",
+                mapping={"external_id": "id", "email": "contact.email"},
+                max_staleness_seconds=0, timeout_seconds=5))
+        token = issue(services, demo, max_uses=3)  # its use is counted: a row write
+        assert get(client, f"/l/{token}").status_code == 200
+        # A signed link for someone only the CRM knows: read, then stored locally.
+        crm.add({"id": "C-2001", "contact": {"email": "noor.haddad@example.com"}})
+        location = get(client, _signed(services, demo, "C-2001")).headers["Location"]
+        assert get(client, location).status_code == 200
+    assert probe.calls == 2
+    assert probe.held == []
+    with services.db.session() as session:
+        assert session.scalar(select(LinkToken.uses).where(LinkToken.max_uses == 3)) == 1
+
+
+def test_no_transaction_is_open_while_the_google_button_calls_google(  # type: ignore[no-untyped-def]
+        client, services, demo, google, standin, database_url) -> None:
+    from tests.txn_probe import TransactionProbe
+
+    probe = TransactionProbe(database_url)
+    standin.on_request = probe
+    services.google_client_options = {"backoff": 0.01}
+    standin.fail_next("/walletobjects/v1/loyaltyObject", 503, times=1)  # a retry, with its sleep
+    response = get(client, f"/l/{issue(services, demo)}/google", ANDROID_CHROME)
+    assert response.status_code == 303
+    assert probe.calls >= 3  # token, class, object (and the retried call)
+    assert probe.held == []
+    [event] = events(services, "google_opened")
+    assert install_states(services) == {("google", "downloaded")}

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import cards, install_state
+from app.db import before_outbound
 from app.google import objects
 from app.models import (
     Card,
@@ -241,7 +242,9 @@ def save_url(session: Session, services: Services, card: Card,
     info = service_account_info(services, tenant)
     template = services.templates.get(card.program.template)
     try:
-        client = services.google_client(tenant)
+        # The entry point may ask that no transaction waits on Google (whose client
+        # sleeps between retries): then each call commits first (app.db.before_outbound).
+        client = before_outbound(session, services.google_client(tenant))
         class_ref = ensure_class(session, services, client, card.program)
         row = sync_object(session, services, client, card)
         token = sign_save_jwt(info, objects.save_payload(
