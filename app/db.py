@@ -21,24 +21,21 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
-from app import logs
+from app import logs, outbox
 from app.models import TenantOwned
 
 TENANT_KEY = "tenant_id"
 #: Session.info key: the entry point asked that no transaction stays open during an
 #: outbound call made through :func:`before_outbound`.
 COMMIT_BEFORE_CALLS = "passerelle.commit_before_outbound_calls"
-#: Session.info key: callable receiving ids of push jobs once their transaction commits.
+#: Outbox queues: ``app.outbox.queue_after_commit(session, <key>, rows)`` hands the rows
+#: ids to ``Database.dispatchers[<key>]`` (the job queue's, set by Services) once the
+#: outermost transaction commits.
 PUSH_DISPATCH_KEY = "passerelle.dispatch_push_jobs"
-#: Session.info key: callable receiving ids of webhook deliveries once committed.
 WEBHOOK_DISPATCH_KEY = "passerelle.dispatch_webhook_deliveries"
-#: Session.info key: callable receiving ids of CRM outbox entries once committed.
 CRM_DISPATCH_KEY = "passerelle.dispatch_crm_writes"
-#: Session.info key: callable receiving ids of mail outbox entries once committed.
 MAIL_DISPATCH_KEY = "passerelle.dispatch_mail"
-#: Session.info key: callable receiving ids of customer import jobs once committed.
 IMPORT_DISPATCH_KEY = "passerelle.dispatch_imports"
-#: Every dispatch key; ``app.outbox.queue_after_commit`` calls them after the outermost commit.
 DISPATCH_KEYS = (PUSH_DISPATCH_KEY, WEBHOOK_DISPATCH_KEY, CRM_DISPATCH_KEY, MAIL_DISPATCH_KEY,
                  IMPORT_DISPATCH_KEY)
 
@@ -48,12 +45,16 @@ class Database:
         self.url = url
         self.engine: Engine = _make_engine(url, echo=echo)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # Set by Services to the job queue, so committed push jobs get queued at once.
-        self.dispatch_push_jobs: Callable[[list[int]], None] | None = None
-        self.dispatch_webhook_deliveries: Callable[[list[int]], None] | None = None
-        self.dispatch_crm_writes: Callable[[list[int]], None] | None = None
-        self.dispatch_mail: Callable[[list[int]], None] | None = None
-        self.dispatch_imports: Callable[[list[int]], None] | None = None
+        #: Who receives committed outbox rows, per queue: set by Services to the job queue.
+        self.dispatchers: dict[str, Callable[[list[int]], None] | None] = dict.fromkeys(
+            DISPATCH_KEYS)
+        outbox.install(self)  # the one after-commit hook, for every outbox
+
+    def listen(self, identifier: str, fn: Callable[..., Any]) -> None:
+        """Register a Session event (before_flush, before_commit ...) for the sessions of
+        this database only: listeners are installed where the process is put together
+        (Services), never at import time."""
+        event.listen(self._sessions, identifier, fn)
 
     def session(self, *, commit_before_calls: bool = False) -> Session:
         """An unscoped session: for system tasks (migrations, demo seeding, admin).
@@ -65,11 +66,7 @@ class Database:
         session = self._sessions()
         if commit_before_calls:
             session.info[COMMIT_BEFORE_CALLS] = True
-        session.info[PUSH_DISPATCH_KEY] = self.dispatch_push_jobs
-        session.info[WEBHOOK_DISPATCH_KEY] = self.dispatch_webhook_deliveries
-        session.info[CRM_DISPATCH_KEY] = self.dispatch_crm_writes
-        session.info[MAIL_DISPATCH_KEY] = self.dispatch_mail
-        session.info[IMPORT_DISPATCH_KEY] = self.dispatch_imports
+        session.info[outbox.DISPATCHERS] = self.dispatchers
         return session
 
     def tenant_session(self, tenant_id: int, *, commit_before_calls: bool = False) -> Session:
