@@ -59,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hpack import NeverIndexedHeaderTuple
 
 from app.certs import certificate_uid
+from app.http import transient
 
 if TYPE_CHECKING:
     from app.certs import SigningIdentity
@@ -89,7 +90,7 @@ class PushResult:
         """What the caller should do: sent | unregistered | bad_token | retry |
         credentials | failed."""
         status, reason = self.status, self.reason
-        if status is None or status == 429 or status >= 500:
+        if transient(status):
             return "retry"
         if status == 200:
             return "sent"

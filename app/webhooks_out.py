@@ -451,7 +451,6 @@ def _post(url: str, secret: str, delivery: WebhookDelivery, *, allow_private: bo
     body = body_bytes(delivery.payload)
     headers = {
         "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
         SIGNATURE_HEADER: signature_header(secret, int(time.time()), body),
         "Passerelle-Event-Id": delivery.event_id,
         "Passerelle-Event-Type": delivery.event_type,
@@ -459,7 +458,8 @@ def _post(url: str, secret: str, delivery: WebhookDelivery, *, allow_private: bo
     }
     started = time.monotonic()
     try:
-        with netguard.guarded_session(allow_private=allow_private) as http:
+        with netguard.guarded_session(allow_private=allow_private,
+                                      user_agent=USER_AGENT) as http:
             response = http.post(url, data=body, headers=headers, timeout=TIMEOUT,
                                  allow_redirects=False)
             response.close()

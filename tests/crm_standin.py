@@ -83,7 +83,7 @@ class CrmStandin:
     # caller's database while it waits for the answer.
     on_request: Callable[[Recorded], None] | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
-    _failures: list[int] = field(default_factory=list)
+    _failures: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     _connections: set[socket.socket] = field(default_factory=set)
     _port: int = 0
     _httpd: ThreadingHTTPServer | None = None
@@ -150,9 +150,11 @@ class CrmStandin:
         if self._httpd is None:
             self.start()
 
-    def fail_next(self, status: int, times: int = 1) -> None:
+    def fail_next(self, status: int, times: int = 1, retry_after: str | None = None) -> None:
+        """Answer the next ``times`` requests ``status`` (with this ``Retry-After``)."""
+        headers = {"Retry-After": retry_after} if retry_after is not None else {}
         with self.lock:
-            self._failures.extend([status] * times)
+            self._failures.extend([(status, headers)] * times)
 
     def add(self, record: dict[str, Any]) -> None:
         with self.lock:
@@ -174,7 +176,8 @@ class CrmStandin:
                     != self.auth_value:
                 return 401, {"error": "unauthorized"}, {}
             if self._failures:
-                return self._failures.pop(0), {"error": "scripted failure"}, {}
+                status, headers = self._failures.pop(0)
+                return status, {"error": "scripted failure"}, dict(headers)
             prefix = f"/{self.resource}"
             if request.path == prefix:
                 if request.method == "GET":
