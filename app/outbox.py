@@ -127,7 +127,10 @@ def claimable(model: Any, now: dt.datetime) -> list[ColumnElement[bool]]:
 
 def claim(session: Session, model: Any, row_id: int, now: dt.datetime, lease: dt.timedelta,
           *extra: ColumnElement[bool]) -> bool:
-    """Take the row for one lease (counting an attempt) and commit; False if not claimable."""
+    """Take the row for one lease (counting an attempt) and commit; False if not claimable.
+
+    The one commit outside an entry point, on purpose: the lease must be durable
+    before the task calls out, or a second worker would send the same row."""
     result = session.execute(
         update(model).where(model.id == row_id, *claimable(model, now), *extra)
         .values(claimed_until=now + lease, attempts=model.attempts + 1)
