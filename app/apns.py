@@ -60,6 +60,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from app import metrics
 from app.certs import certificate_uid
+from app.http import transient
 
 if TYPE_CHECKING:
     from app.certs import SigningIdentity
@@ -90,7 +91,7 @@ class PushResult:
         """What the caller should do: sent | unregistered | bad_token | retry |
         credentials | failed."""
         status, reason = self.status, self.reason
-        if status is None or status == 429 or status >= 500:
+        if transient(status):
             return "retry"
         if status == 200:
             return "sent"

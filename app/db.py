@@ -11,29 +11,31 @@ goes through such a session can read another tenant's rows.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
-from app import logs
+from app import logs, outbox
 from app.models import TenantOwned
 
 TENANT_KEY = "tenant_id"
-#: Session.info key: callable receiving ids of push jobs once their transaction commits.
+#: Session.info key: the entry point asked that no transaction stays open during an
+#: outbound call made through :func:`before_outbound`.
+COMMIT_BEFORE_CALLS = "passerelle.commit_before_outbound_calls"
+#: Outbox queues: ``app.outbox.queue_after_commit(session, <key>, rows)`` hands the rows
+#: ids to ``Database.dispatchers[<key>]`` (the job queue's, set by Services) once the
+#: outermost transaction commits.
 PUSH_DISPATCH_KEY = "passerelle.dispatch_push_jobs"
-#: Session.info key: callable receiving ids of webhook deliveries once committed.
 WEBHOOK_DISPATCH_KEY = "passerelle.dispatch_webhook_deliveries"
-#: Session.info key: callable receiving ids of CRM outbox entries once committed.
 CRM_DISPATCH_KEY = "passerelle.dispatch_crm_writes"
-#: Session.info key: callable receiving ids of mail outbox entries once committed.
 MAIL_DISPATCH_KEY = "passerelle.dispatch_mail"
-#: Session.info key: callable receiving ids of customer import jobs once committed.
 IMPORT_DISPATCH_KEY = "passerelle.dispatch_imports"
-#: Every dispatch key; ``app.outbox.queue_after_commit`` calls them after the outermost commit.
 DISPATCH_KEYS = (PUSH_DISPATCH_KEY, WEBHOOK_DISPATCH_KEY, CRM_DISPATCH_KEY, MAIL_DISPATCH_KEY,
                  IMPORT_DISPATCH_KEY)
 
@@ -43,34 +45,46 @@ class Database:
         self.url = url
         self.engine: Engine = _make_engine(url, echo=echo)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        # Set by Services to the job queue, so committed push jobs get queued at once.
-        self.dispatch_push_jobs: Callable[[list[int]], None] | None = None
-        self.dispatch_webhook_deliveries: Callable[[list[int]], None] | None = None
-        self.dispatch_crm_writes: Callable[[list[int]], None] | None = None
-        self.dispatch_mail: Callable[[list[int]], None] | None = None
-        self.dispatch_imports: Callable[[list[int]], None] | None = None
+        #: Who receives committed outbox rows, per queue: set by Services to the job queue.
+        self.dispatchers: dict[str, Callable[[list[int]], None] | None] = dict.fromkeys(
+            DISPATCH_KEYS)
+        outbox.install(self)  # the one after-commit hook, for every outbox
 
-    def session(self) -> Session:
-        """An unscoped session: for system tasks (migrations, demo seeding, admin)."""
+    def listen(self, identifier: str, fn: Callable[..., Any]) -> None:
+        """Register a Session event (before_flush, before_commit ...) for the sessions of
+        this database only: listeners are installed where the process is put together
+        (Services), never at import time."""
+        event.listen(self._sessions, identifier, fn)
+
+    def session(self, *, commit_before_calls: bool = False) -> Session:
+        """An unscoped session: for system tasks (migrations, demo seeding, admin).
+
+        ``commit_before_calls``: the entry point's choice that every outbound call
+        made through :func:`before_outbound` (CRM reads, Google's REST API) first
+        commits what the session did so far, so no row lock or snapshot is held
+        while the network answers."""
         session = self._sessions()
-        session.info[PUSH_DISPATCH_KEY] = self.dispatch_push_jobs
-        session.info[WEBHOOK_DISPATCH_KEY] = self.dispatch_webhook_deliveries
-        session.info[CRM_DISPATCH_KEY] = self.dispatch_crm_writes
-        session.info[MAIL_DISPATCH_KEY] = self.dispatch_mail
-        session.info[IMPORT_DISPATCH_KEY] = self.dispatch_imports
+        if commit_before_calls:
+            session.info[COMMIT_BEFORE_CALLS] = True
+        session.info[outbox.DISPATCHERS] = self.dispatchers
         return session
 
-    def tenant_session(self, tenant_id: int) -> Session:
+    def tenant_session(self, tenant_id: int, *, commit_before_calls: bool = False) -> Session:
         """A session that can only ever see rows of one tenant."""
-        session = self.session()
+        session = self.session(commit_before_calls=commit_before_calls)
         session.info[TENANT_KEY] = tenant_id
         logs.set_tenant(tenant_id)  # log lines of this request or task name the tenant
         return session
 
     @contextmanager
-    def transaction(self, tenant_id: int | None = None) -> Iterator[Session]:
-        """Open a session, commit on success, roll back on error, always close."""
-        session = self.session() if tenant_id is None else self.tenant_session(tenant_id)
+    def transaction(self, tenant_id: int | None = None, *,
+                    commit_before_calls: bool = False) -> Iterator[Session]:
+        """Open a session, commit on success, roll back on error, always close.
+
+        With ``commit_before_calls`` the work is committed in steps, one before each
+        outbound call (see :meth:`session`); an error rolls back the last step only."""
+        session = (self.session(commit_before_calls=commit_before_calls) if tenant_id is None
+                   else self.tenant_session(tenant_id, commit_before_calls=commit_before_calls))
         try:
             yield session
             session.commit()
@@ -82,6 +96,39 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_Client = TypeVar("_Client")
+
+
+def before_outbound(session: Session, client: _Client) -> _Client:
+    """``client`` (an object whose methods call out over the network) as code working in
+    ``session`` must use it: if the entry point opened the session with
+    ``commit_before_calls``, each method call first commits the session's transaction,
+    and the rows written after the call start a new one. Otherwise ``client`` itself."""
+    if not session.info.get(COMMIT_BEFORE_CALLS):
+        return client
+    return cast(_Client, _CommitFirst(session, client))
+
+
+class _CommitFirst:
+    def __init__(self, session: Session, client: object) -> None:
+        self._session = session
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            # Inside a savepoint the caller expects to roll back to it: keep it whole.
+            if not self._session.in_nested_transaction():
+                self._session.commit()
+            return value(*args, **kwargs)
+
+        return call
 
 
 def _make_engine(url: str, *, echo: bool) -> Engine:

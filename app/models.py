@@ -97,6 +97,19 @@ class TenantOwned:
         return mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
 
 
+class OutboxRow:
+    """The columns every outbox table shares (push jobs, CRM writes, card mails, webhook
+    deliveries), which app/outbox.py leases, retries and sweeps: queued at
+    ``created_at``; ``attempts`` so far; not before ``not_before`` (a retry's backoff);
+    leased by a worker until ``claimed_until``; finished at ``done_at``."""
+
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[dt.datetime | None]
+    claimed_until: Mapped[dt.datetime | None]
+    done_at: Mapped[dt.datetime | None]
+
+
 class Tenant(Base):
     """A brand running one or more loyalty programs."""
 
@@ -362,7 +375,7 @@ class InstallEvent(TenantOwned, Base):
     occurred_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
-class PushJob(TenantOwned, Base):
+class PushJob(OutboxRow, TenantOwned, Base):
     """Outbox row: this card changed and its devices must be told. Survives crashes;
     a sweeper re-queues rows whose worker died (at-least-once delivery)."""
 
@@ -376,11 +389,6 @@ class PushJob(TenantOwned, Base):
     update_tag: Mapped[int] = mapped_column(BigInteger)
     # None = every registered device; else only these registration ids (a retry).
     registration_ids: Mapped[list[int] | None] = mapped_column(JSON)
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    claimed_until: Mapped[dt.datetime | None]
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    not_before: Mapped[dt.datetime | None]
-    done_at: Mapped[dt.datetime | None]
 
 
 class PushAttempt(TenantOwned, Base):
@@ -560,7 +568,7 @@ class CrmConnection(TenantOwned, Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
-class CrmOutboxEntry(TenantOwned, Base):
+class CrmOutboxEntry(OutboxRow, TenantOwned, Base):
     """A write to the external CRM that must not be lost: kept until it is delivered."""
 
     __tablename__ = "crm_outbox"
@@ -571,15 +579,10 @@ class CrmOutboxEntry(TenantOwned, Base):
                                              index=True)
     operation: Mapped[str] = mapped_column(String(16))  # create | update
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    not_before: Mapped[dt.datetime | None]
-    claimed_until: Mapped[dt.datetime | None]
     last_error: Mapped[str | None] = mapped_column(String(500))
-    done_at: Mapped[dt.datetime | None]
 
 
-class MailOutboxEntry(TenantOwned, Base):
+class MailOutboxEntry(OutboxRow, TenantOwned, Base):
     """An email to send a customer (their card link), kept until it is sent or given up.
 
     It holds no link: the worker issues the personal link when it sends, so the
@@ -598,12 +601,7 @@ class MailOutboxEntry(TenantOwned, Base):
     kind: Mapped[str] = mapped_column(String(32))  # card_link | requested_link
     locale: Mapped[str | None] = mapped_column(String(35))  # the page's language when asked
     campaign: Mapped[str | None] = mapped_column(String(100))  # as long as LinkToken.campaign
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    not_before: Mapped[dt.datetime | None]
-    claimed_until: Mapped[dt.datetime | None]
     last_error: Mapped[str | None] = mapped_column(String(500))
-    done_at: Mapped[dt.datetime | None]
     outcome: Mapped[str | None] = mapped_column(String(16))  # sent | gave_up | skipped
 
 
@@ -656,7 +654,7 @@ class WebhookSubscription(TenantOwned, Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
-class WebhookDelivery(TenantOwned, Base):
+class WebhookDelivery(OutboxRow, TenantOwned, Base):
     """One event for one subscription: an outbox row retried with backoff for 24 hours."""
 
     __tablename__ = "webhook_deliveries"
@@ -671,13 +669,8 @@ class WebhookDelivery(TenantOwned, Base):
     event_id: Mapped[str] = mapped_column(String(64))  # the same for redeliveries
     event_type: Mapped[str] = mapped_column(String(64))
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    not_before: Mapped[dt.datetime | None]
-    claimed_until: Mapped[dt.datetime | None]
     last_status: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(String(500))
-    done_at: Mapped[dt.datetime | None]
     outcome: Mapped[str | None] = mapped_column(String(16))  # delivered | gave_up
 
 

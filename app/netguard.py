@@ -25,6 +25,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from app.http import new_session
+
 ALLOW_HINT = "set PASSERELLE_WEBHOOK_ALLOW_PRIVATE_NETWORKS=true to allow private receivers"
 
 
@@ -110,9 +112,9 @@ class _GuardedAdapter(HTTPAdapter):
         raise BlockedAddress("webhook deliveries do not go through proxies")
 
 
-def guarded_session(*, allow_private: bool) -> requests.Session:
+def guarded_session(*, allow_private: bool, user_agent: str = "Passerelle/1") -> requests.Session:
     """A requests session for tenant-chosen URLs (plain when private networks are allowed)."""
-    session = requests.Session()
+    session = new_session(user_agent)
     if not allow_private:
         session.trust_env = False  # no proxies from the environment, see _GuardedAdapter
         adapter = _GuardedAdapter()

@@ -22,13 +22,25 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import ColumnElement, event, or_, select, update
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, SessionTransaction
+
+if TYPE_CHECKING:
+    from app.db import Database
 
 #: Session.info key: {transaction level: {dispatch key: [row ids or rows]}}.
 _LEVELS = "passerelle.outbox_rows_to_queue"
+#: Session.info key: {dispatch key: callable receiving committed ids, or None} (app/db.py).
+DISPATCHERS = "passerelle.dispatchers"
+
+
+def install(database: Database) -> None:
+    """The after-commit hook of every outbox, on ``database``'s sessions (app/db.py)."""
+    database.listen("after_commit", _queue_committed)
+    database.listen("after_rollback", _forget_rolled_back)
+    database.listen("after_transaction_end", _forget_at_end)
 
 
 class _Row(Protocol):
@@ -37,9 +49,9 @@ class _Row(Protocol):
 
 def queue_after_commit(session: Session, dispatch_key: str,
                        rows: Iterable[int | _Row]) -> None:
-    """Hand ``rows`` (ids, or ORM rows whose id is read at commit) to the session's
-    dispatcher under ``dispatch_key`` (set by ``Database.session``, see app/db.py)
-    once the outermost transaction commits."""
+    """Hand ``rows`` (ids, or ORM rows whose id is read at commit) to the database's
+    dispatcher under ``dispatch_key`` (``Database.dispatchers``, see app/db.py) once the
+    outermost transaction commits."""
     level = _level(session)
     if level is None:
         session.connection()  # begins the transaction the rows belong to
@@ -64,7 +76,6 @@ def _enclosing(level: SessionTransaction) -> SessionTransaction:
     return parent
 
 
-@event.listens_for(Session, "after_commit")
 def _queue_committed(session: Session) -> None:
     levels = session.info.get(_LEVELS)
     level = _level(session)
@@ -80,12 +91,11 @@ def _queue_committed(session: Session) -> None:
     for dispatch_key, items in rows.items():
         ids = list(dict.fromkeys(item if isinstance(item, int) else item.id for item in items))
         ids = [row_id for row_id in ids if row_id is not None]
-        dispatch = session.info.get(dispatch_key)
+        dispatch = session.info.get(DISPATCHERS, {}).get(dispatch_key)
         if ids and dispatch is not None:
             dispatch(ids)
 
 
-@event.listens_for(Session, "after_rollback")
 def _forget_rolled_back(session: Session) -> None:
     levels = session.info.get(_LEVELS)
     level = _level(session)
@@ -97,7 +107,6 @@ def _forget_rolled_back(session: Session) -> None:
         session.info.pop(_LEVELS, None)
 
 
-@event.listens_for(Session, "after_transaction_end")
 def _forget_at_end(session: Session, transaction: SessionTransaction) -> None:
     # A session closed without commit or rollback: nothing of it is ever queued.
     if transaction.parent is None:
@@ -118,7 +127,10 @@ def claimable(model: Any, now: dt.datetime) -> list[ColumnElement[bool]]:
 
 def claim(session: Session, model: Any, row_id: int, now: dt.datetime, lease: dt.timedelta,
           *extra: ColumnElement[bool]) -> bool:
-    """Take the row for one lease (counting an attempt) and commit; False if not claimable."""
+    """Take the row for one lease (counting an attempt) and commit; False if not claimable.
+
+    The one commit outside an entry point, on purpose: the lease must be durable
+    before the task calls out, or a second worker would send the same row."""
     result = session.execute(
         update(model).where(model.id == row_id, *claimable(model, now), *extra)
         .values(claimed_until=now + lease, attempts=model.attempts + 1)

@@ -86,36 +86,43 @@ def parse_push_token(body: object) -> str:
 
 
 def register(session: Session, card: Card, device: str, push_token: str) -> bool:
-    """Upsert the registration; True when it is new (201), False when known (200)."""
-    existing = session.scalar(select(Registration).where(
+    """Upsert the registration; True when it is new (201), False when known (200).
+    Flushes; the caller commits."""
+    existing = _registration(session, card, device)
+    if existing is None:
+        try:
+            with session.begin_nested():
+                session.add(Registration(tenant_id=card.tenant_id, card_id=card.id,
+                                         device_library_identifier=device,
+                                         pass_type_identifier=card.program.pass_type_identifier,
+                                         push_token=push_token))
+        except IntegrityError:  # the same device registered twice at once: the other won
+            existing = _registration(session, card, device)
+            if existing is None:
+                raise
+        else:
+            install_state.record(session, card, "apple", "registered", device=device)
+            session.flush()
+            return True
+    # Push tokens change: always keep the latest, and give flagged tokens a new chance.
+    existing.push_token = push_token
+    existing.push_problem = None
+    session.flush()
+    return False
+
+
+def _registration(session: Session, card: Card, device: str) -> Registration | None:
+    return session.scalar(select(Registration).where(
         Registration.card_id == card.id, Registration.device_library_identifier == device))
-    if existing is not None:
-        # Push tokens change: always keep the latest, and give flagged tokens a new chance.
-        existing.push_token = push_token
-        existing.push_problem = None
-        session.commit()
-        return False
-    try:
-        session.add(Registration(tenant_id=card.tenant_id, card_id=card.id,
-                                 device_library_identifier=device,
-                                 pass_type_identifier=card.program.pass_type_identifier,
-                                 push_token=push_token))
-        install_state.record(session, card, "apple", "registered", device=device)
-        session.commit()
-        return True
-    except IntegrityError:  # the same device registered twice at once: the other won
-        session.rollback()
-        return register(session, session.merge(card), device, push_token)
 
 
 def unregister(session: Session, card: Card, device: str) -> None:
-    """Idempotent: 200 whether or not the registration still exists."""
-    existing = session.scalar(select(Registration).where(
-        Registration.card_id == card.id, Registration.device_library_identifier == device))
+    """Idempotent: 200 whether or not the registration still exists. Flushes."""
+    existing = _registration(session, card, device)
     if existing is not None:
         session.delete(existing)
         install_state.record(session, card, "apple", "unregistered", device=device)
-    session.commit()
+    session.flush()
 
 
 def parse_tag(since: str | None) -> int | None:
@@ -251,7 +258,8 @@ def latest_pass(session: Session, services: Services, card: Card,
     """Re-render (catching changes made out of band), then sign unless unchanged.
 
     ``if_none_match``: the request's entity tags (weak or strong, ``*`` for any).
-    What is signed here is kept as the card's signed version, so the next device
+    Flushes; the caller commits. What is signed here is kept as the card's signed
+    version, so the next device
     asking for this version gets it from :func:`signed_latest_pass`. Validators:
     :func:`_validate`.
     """
@@ -263,13 +271,12 @@ def latest_pass(session: Session, services: Services, card: Card,
     unchanged, shown, tag = _validate(card.last_modified, card.content_hash,
                                       if_modified_since, if_none_match)
     if unchanged:
-        if rendered.changed:
-            session.commit()
+        session.flush()
         return LatestPass(None, shown, tag)
     signature = builder.signer(builder.packager.manifest(rendered.pass_json))
     updates.store_signed(session, [(card.id, rendered.content_hash, rendered.pass_json,
                                     signature)])
-    session.commit()
+    session.flush()
     return LatestPass(builder.packager.assemble(rendered.pass_json, signature), shown, tag)
 
 
@@ -293,7 +300,7 @@ def store_logs(session: Session, messages: list[str]) -> int:
             card = session.scalar(select(Card).where(Card.serial_number.in_(candidates)))
         session.add(DeviceLog(message=message, card_id=card.id if card else None,
                               tenant_id=card.tenant_id if card else None))
-    session.commit()
+    session.flush()
     return len(messages)
 
 

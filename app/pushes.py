@@ -48,6 +48,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from app import install_state, metrics, outbox
+from app.http import transient
 from app.models import (
     AppleIdentity,
     Card,
@@ -500,7 +501,7 @@ def _sync_google(services: Services, job: _Job) -> str:
             # step as it lands): a retry after a failed message sends the message,
             # not the PATCH again.
             session.commit()
-            if exc.status is None or exc.status == 429 or exc.status >= 500:
+            if transient(exc.status):
                 log.warning("Google Wallet update of card %s: %s, will retry",
                             card.serial_number, exc)
                 return "retry"

@@ -10,9 +10,16 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app import certs
+from app import certs, webhooks_out
 from app.config import Settings
-from app.db import Database
+from app.db import (
+    CRM_DISPATCH_KEY,
+    IMPORT_DISPATCH_KEY,
+    MAIL_DISPATCH_KEY,
+    PUSH_DISPATCH_KEY,
+    WEBHOOK_DISPATCH_KEY,
+    Database,
+)
 from app.jobs import JobQueue
 from app.models import AppleIdentity, Program
 from app.passes.builder import PassBuilder
@@ -40,11 +47,17 @@ class Services:
         # Extra GoogleWalletClient arguments (retry policy), e.g. {"max_retries": 2}.
         self.google_client_options: dict[str, object] = {}
         self.jobs = JobQueue(settings, lambda: self)
-        self.db.dispatch_push_jobs = self.jobs.dispatch
-        self.db.dispatch_webhook_deliveries = self.jobs.dispatch_webhooks
-        self.db.dispatch_crm_writes = self.jobs.dispatch_crm
-        self.db.dispatch_mail = self.jobs.dispatch_mail
-        self.db.dispatch_imports = self.jobs.dispatch_imports
+        # What happens after a commit, put together here for web, worker and commands:
+        # committed outbox rows go to the job queue at once ...
+        self.db.dispatchers.update({
+            PUSH_DISPATCH_KEY: self.jobs.dispatch,
+            WEBHOOK_DISPATCH_KEY: self.jobs.dispatch_webhooks,
+            CRM_DISPATCH_KEY: self.jobs.dispatch_crm,
+            MAIL_DISPATCH_KEY: self.jobs.dispatch_mail,
+            IMPORT_DISPATCH_KEY: self.jobs.dispatch_imports,
+        })
+        # ... and customer changes become customer.updated / consent.changed webhooks.
+        webhooks_out.install(self.db)
 
     @property
     def apns(self) -> ApnsPool:

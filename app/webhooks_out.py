@@ -24,7 +24,8 @@ subscription is disabled and the delivery ends. Redirects are not followed
 (a webhook URL that moves must be changed deliberately).
 
 Customer events are noted while the transaction runs and written just before
-it commits (``before_commit``): ``customer.updated`` fires only when a data
+it commits (``before_commit``; the listeners are installed by :func:`install`, called
+when Services is built): ``customer.updated`` fires only when a data
 field really changed value (SQLAlchemy attribute history, compared by value;
 ``attributes`` compared with the copy loaded from the database), whatever
 path changed it, and several changes of one customer in one transaction make
@@ -67,6 +68,7 @@ from app.models import (
 )
 
 if TYPE_CHECKING:
+    from app.db import Database
     from app.services import Services
 
 log = logging.getLogger(__name__)
@@ -302,6 +304,22 @@ def _iso(moment: dt.datetime) -> str:
 
 # -- customer.updated and consent.changed, noted during the transaction ----------------
 
+def install(database: Database) -> None:
+    """Turn customer changes in ``database``'s sessions into ``customer.updated`` and
+    ``consent.changed`` events. Called once where the process is put together
+    (:class:`app.services.Services`): the customer code that changes rows does not
+    know that webhooks exist."""
+    for identifier, fn in (("load", _remember_loaded_attributes),
+                           ("refresh", _remember_refreshed_attributes)):
+        if not event.contains(Customer, identifier, fn):  # mapper events are per class
+            event.listen(Customer, identifier, fn)
+    database.listen("before_flush", _note_changed_customers)
+    database.listen("after_flush_postexec", _refresh_loaded_copies)
+    database.listen("before_commit", _emit_pending)
+    database.listen("after_commit", _forget_subscriptions)
+    database.listen("after_rollback", _forget_rolled_back)
+
+
 @dataclass
 class _Pending:
     customer: Customer
@@ -343,18 +361,15 @@ def changed_fields(customer: Customer) -> set[str]:
     return changed
 
 
-@event.listens_for(Customer, "load")
 def _remember_loaded_attributes(customer: Customer, _context: Any) -> None:
     # In-place edits of the JSON dict keep no old value; this copy is the "before".
     inspect(customer).info[_LOADED_ATTRIBUTES] = dict(customer.attributes or {})
 
 
-@event.listens_for(Customer, "refresh")
 def _remember_refreshed_attributes(customer: Customer, _context: Any, _attrs: Any) -> None:
     _remember_loaded_attributes(customer, _context)
 
 
-@event.listens_for(Session, "before_flush")
 def _note_changed_customers(session: Session, _ctx: Any, _instances: Any) -> None:
     for obj in session.dirty:
         if not isinstance(obj, Customer) or obj.tenant_id is None:
@@ -366,7 +381,6 @@ def _note_changed_customers(session: Session, _ctx: Any, _instances: Any) -> Non
             _pending(session, obj).changed.update(changed)
 
 
-@event.listens_for(Session, "after_flush_postexec")
 def _refresh_loaded_copies(session: Session, _ctx: Any) -> None:
     # After a flush the database holds the new values: they are the next "before".
     for entry in session.info.get(_PENDING, {}).values():
@@ -375,7 +389,6 @@ def _refresh_loaded_copies(session: Session, _ctx: Any) -> None:
                 entry.customer.attributes or {})
 
 
-@event.listens_for(Session, "before_commit")
 def _emit_pending(session: Session) -> None:
     if session.new or session.dirty or session.deleted:
         session.flush()  # notes the last changes (before_flush) and gives new rows ids
@@ -396,12 +409,10 @@ def _emit_pending(session: Session) -> None:
                                 "recorded_at": _iso(consent.recorded_at or utcnow())}})
 
 
-@event.listens_for(Session, "after_commit")
 def _forget_subscriptions(session: Session) -> None:
     session.info.pop(_SUBSCRIPTIONS, None)
 
 
-@event.listens_for(Session, "after_rollback")
 def _forget_rolled_back(session: Session) -> None:
     for key in (_SUBSCRIPTIONS, _PENDING):
         session.info.pop(key, None)
@@ -440,7 +451,6 @@ def _post(url: str, secret: str, delivery: WebhookDelivery, *, allow_private: bo
     body = body_bytes(delivery.payload)
     headers = {
         "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
         SIGNATURE_HEADER: signature_header(secret, int(time.time()), body),
         "Passerelle-Event-Id": delivery.event_id,
         "Passerelle-Event-Type": delivery.event_type,
@@ -448,7 +458,8 @@ def _post(url: str, secret: str, delivery: WebhookDelivery, *, allow_private: bo
     }
     started = time.monotonic()
     try:
-        with netguard.guarded_session(allow_private=allow_private) as http:
+        with netguard.guarded_session(allow_private=allow_private,
+                                      user_agent=USER_AGENT) as http:
             response = http.post(url, data=body, headers=headers, timeout=TIMEOUT,
                                  allow_redirects=False)
             response.close()

@@ -26,6 +26,7 @@ import copy
 import json
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -78,8 +79,11 @@ class CrmStandin:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     log: list[Recorded] = field(default_factory=list)  # every request, with its status
     mode: str = "up"  # up | 503 | closed
+    # Called in the handler thread before each request is answered: e.g. to look at the
+    # caller's database while it waits for the answer.
+    on_request: Callable[[Recorded], None] | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
-    _failures: list[int] = field(default_factory=list)
+    _failures: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     _connections: set[socket.socket] = field(default_factory=set)
     _port: int = 0
     _httpd: ThreadingHTTPServer | None = None
@@ -146,9 +150,11 @@ class CrmStandin:
         if self._httpd is None:
             self.start()
 
-    def fail_next(self, status: int, times: int = 1) -> None:
+    def fail_next(self, status: int, times: int = 1, retry_after: str | None = None) -> None:
+        """Answer the next ``times`` requests ``status`` (with this ``Retry-After``)."""
+        headers = {"Retry-After": retry_after} if retry_after is not None else {}
         with self.lock:
-            self._failures.extend([status] * times)
+            self._failures.extend([(status, headers)] * times)
 
     def add(self, record: dict[str, Any]) -> None:
         with self.lock:
@@ -170,7 +176,8 @@ class CrmStandin:
                     != self.auth_value:
                 return 401, {"error": "unauthorized"}, {}
             if self._failures:
-                return self._failures.pop(0), {"error": "scripted failure"}, {}
+                status, headers = self._failures.pop(0)
+                return status, {"error": "scripted failure"}, dict(headers)
             prefix = f"/{self.resource}"
             if request.path == prefix:
                 if request.method == "GET":
@@ -244,6 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = "<not json>"
         request = Recorded(self.command, parts.path, parse_qs(parts.query),
                            {k.lower(): v for k, v in self.headers.items()}, body)
+        if self.state.on_request is not None:
+            self.state.on_request(request)
         status, answer, headers = self.state.handle(request)
         request.status = status
         with self.state.lock:

@@ -69,6 +69,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -387,6 +388,9 @@ class GoogleStandin:
         self.notify_limit_status = 403  # what Google answers over the limit
         self.notified: dict[str, list[float]] = {}
         self._scripts: list[_Script] = []
+        # Called in the handler thread before each request is answered (method, path):
+        # e.g. to look at the caller's database while it waits for the answer.
+        self.on_request: Callable[[str, str], None] | None = None
         self._public_keys: dict[str, Any] = {}
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -811,6 +815,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if self.server_state.on_request is not None:
+            self.server_state.on_request(self.command, urlsplit(self.path).path)
         reply = self.server_state.handle(self.command, self.path, self.headers, raw)
         data = json.dumps(reply.body).encode()
         self.send_response(reply.status)

@@ -23,6 +23,7 @@ from schemathesis.specs.openapi.checks import (
 from sqlalchemy import select
 
 from app import apikeys
+from app.db import WEBHOOK_DISPATCH_KEY
 from app.models import (
     ApiKey,
     Card,
@@ -46,7 +47,7 @@ def _text_file(_ctx, value):  # type: ignore[no-untyped-def]
 def api_schema(app, services, demo):  # type: ignore[no-untyped-def]
     services.jobs.huey.immediate = True  # imports run in-process, so their failures show
     # ...but webhook deliveries to fuzzed URLs must not leave the machine: they stay queued.
-    services.db.dispatch_webhook_deliveries = None
+    services.db.dispatchers[WEBHOOK_DISPATCH_KEY] = None
     app.config["PASSERELLE_API_RATE_LIMIT"] = "100000 per minute"
     return schemathesis.openapi.from_wsgi("/api/v1/openapi.json", app)
 

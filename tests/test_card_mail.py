@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from app import card_mail, enrollment, links
+from app.db import MAIL_DISPATCH_KEY
 from app.mailer import SmtpConfig
 from app.models import Customer, LinkToken, MailOutboxEntry, Program, utcnow
 from tests.smtp_standin import SmtpStandin
@@ -91,7 +92,7 @@ def test_one_mail_per_member_per_quarter_hour_whatever_the_form_receives(service
 
 
 def test_a_relay_that_says_later_gets_the_mail_later_and_only_once(services, demo, smtp) -> None:  # type: ignore[no-untyped-def]
-    services.db.dispatch_mail = None  # delivered by hand below
+    services.db.dispatchers[MAIL_DISPATCH_KEY] = None  # delivered by hand below
     smtp.script = ["451 4.3.0 try again later"]
     _enroll_as_member(services, demo)
     [entry] = _entries(services)
@@ -111,7 +112,7 @@ def test_a_relay_that_says_later_gets_the_mail_later_and_only_once(services, dem
 
 
 def test_a_refused_recipient_ends_the_mail(services, demo, smtp) -> None:  # type: ignore[no-untyped-def]
-    services.db.dispatch_mail = None
+    services.db.dispatchers[MAIL_DISPATCH_KEY] = None
     smtp.refuse_recipients = "550 5.1.1 no such mailbox"
     _enroll_as_member(services, demo)
     [entry] = _entries(services)
@@ -122,7 +123,7 @@ def test_a_refused_recipient_ends_the_mail(services, demo, smtp) -> None:  # typ
 
 def test_a_password_never_goes_out_in_clear(services, demo, smtp) -> None:  # type: ignore[no-untyped-def]
     """smtp:// requires STARTTLS: a server without it (this plain stand-in) is an error."""
-    services.db.dispatch_mail = None
+    services.db.dispatchers[MAIL_DISPATCH_KEY] = None
     services.settings.smtp_url = f"smtp://user:secret@127.0.0.1:{smtp.port}"
     _enroll_as_member(services, demo)
     [entry] = _entries(services)

@@ -27,6 +27,7 @@ from app.customers import (
     update_customer,
     upsert_customer,
 )
+from app.db import WEBHOOK_DISPATCH_KEY
 from app.models import Consent, Customer, InboundHook, Tenant, WebhookDelivery
 
 
@@ -51,7 +52,7 @@ def _customer_updated(services) -> list[list[str]]:  # type: ignore[no-untyped-d
 
 @pytest.fixture()
 def subscribed(services, demo):  # type: ignore[no-untyped-def]
-    services.db.dispatch_webhook_deliveries = lambda ids: None
+    services.db.dispatchers[WEBHOOK_DISPATCH_KEY] = lambda ids: None
     with services.db.transaction(demo["tenant_id"]) as session:
         webhooks_out.create_subscription(session, demo["tenant_id"], "https://x.test/h",
                                          ["customer.updated", "consent.changed"])

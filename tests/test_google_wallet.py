@@ -488,3 +488,16 @@ def test_a_class_change_is_patched_for_review(client, services, google, standin)
     assert patch.body["programName"] == "Aurore Rewards+"
     [stored] = standin.objects["loyaltyClass"].values()
     assert stored["programName"] == "Aurore Rewards+" and stored["reviewStatus"] == "APPROVED"
+
+
+def test_the_demo_save_button_holds_no_transaction_while_google_answers(  # type: ignore[no-untyped-def]
+        client, services, google, standin, database_url) -> None:
+    from tests.txn_probe import TransactionProbe
+
+    probe = TransactionProbe(database_url)
+    standin.on_request = probe
+    _save(client, _serial(services))
+    assert probe.calls >= 3  # token, class, object
+    assert probe.held == []
+    with services.db.session() as session:
+        assert session.scalar(select(GoogleObject.object_id)) is not None

@@ -229,7 +229,7 @@ def test_google_callbacks_drive_the_state(services, card_id) -> None:  # type: i
     ms = int(T0.timestamp() * 1000)
 
     def callback(kind: str, nonce: str, offset_ms: int) -> bool:
-        with services.db.session() as session:
+        with services.db.transaction() as session:  # the entry point commits
             return apply_callback(session, CallbackMessage(
                 "3388000000012345678.class", "3388000000012345678.obj", kind, nonce,
                 ms + offset_ms))

@@ -870,19 +870,26 @@ def test_people_forms_need_csrf_and_machine_endpoints_do_not(app) -> None:  # ty
 
 # -- CRM freshness, logs ------------------------------------------------------------------
 
+def _connect_crm(services, demo, url: str, *, max_staleness_seconds: int,  # type: ignore[no-untyped-def]
+                 timeout_seconds: int = 1, **mapping: str) -> None:
+    """The demo tenant reads its customers from the CRM stand-in at ``url``."""
+    from app.models import CrmConnection
+
+    with services.db.transaction(demo["tenant_id"]) as session:
+        session.add(CrmConnection(
+            tenant_id=demo["tenant_id"], kind="http", base_url=url,
+            auth_header="Authorization", auth_value_env="PASSERELLE_TEST_LANDING_CRM",
+            mapping={"external_id": "id", "email": "contact.email", **mapping},
+            max_staleness_seconds=max_staleness_seconds, timeout_seconds=timeout_seconds))
+
+
 def test_crm_down_with_a_stale_copy_is_a_retry_page_and_counts_no_use(  # type: ignore[no-untyped-def]
         client, services, demo, monkeypatch) -> None:
-    from app.models import CrmConnection
     from tests.crm_standin import CrmStandin
 
     monkeypatch.setenv("PASSERELLE_TEST_LANDING_CRM", "Bearer t")
     with CrmStandin(auth_value="Bearer t") as crm:
-        with services.db.transaction(demo["tenant_id"]) as session:
-            session.add(CrmConnection(
-                tenant_id=demo["tenant_id"], kind="http", base_url=crm.url,
-                auth_header="Authorization", auth_value_env="PASSERELLE_TEST_LANDING_CRM",
-                mapping={"external_id": "id", "email": "contact.email"},
-                max_staleness_seconds=0, timeout_seconds=1))
+        _connect_crm(services, demo, crm.url, max_staleness_seconds=0)
         crm.down("503")
         token = issue(services, demo, max_uses=1)
         response = get(client, f"/l/{token}", lang="fr")
@@ -911,23 +918,57 @@ def test_no_personal_data_or_token_in_log_lines(client, services, demo, caplog) 
 
 
 def test_a_signed_link_visit_reads_the_crm_once(client, services, demo, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from app.models import CrmConnection
     from tests.crm_standin import CrmStandin
 
     monkeypatch.setenv("PASSERELLE_TEST_LANDING_CRM", "Bearer t")
     with CrmStandin(auth_value="Bearer t") as crm:
         crm.add({"id": "C-1001", "contact": {"email": "camille.martin@example.com",
                                              "first_name": "Camille"}})
-        with services.db.transaction(demo["tenant_id"]) as session:
-            session.add(CrmConnection(
-                tenant_id=demo["tenant_id"], kind="http", base_url=crm.url,
-                auth_header="Authorization", auth_value_env="PASSERELLE_TEST_LANDING_CRM",
-                mapping={"external_id": "id", "email": "contact.email",
-                         "first_name": "contact.first_name"},
-                max_staleness_seconds=60, timeout_seconds=1))
+        _connect_crm(services, demo, crm.url, max_staleness_seconds=60,
+                     first_name="contact.first_name")
         location = get(client, _signed(services, demo)).headers["Location"]
         assert get(client, location).status_code == 200
         reads = [r for r in crm.log if r.method == "GET" and r.path == "/customers/C-1001"]
         assert len(reads) == 1
         assert get(client, f"/l/{issue(services, demo)}").status_code == 200
         assert len([r for r in crm.log if r.method == "GET"]) == 1  # still fresh: not read again
+
+
+# -- no transaction open while the network answers ----------------------------------------
+
+def test_no_transaction_is_open_while_the_landing_reads_the_crm(  # type: ignore[no-untyped-def]
+        client, services, demo, database_url, monkeypatch) -> None:
+    from tests.crm_standin import CrmStandin
+    from tests.txn_probe import TransactionProbe
+
+    monkeypatch.setenv("PASSERELLE_TEST_LANDING_CRM", "Bearer t")
+    probe = TransactionProbe(database_url)
+    with CrmStandin(auth_value="Bearer t", on_request=probe) as crm:
+        crm.add({"id": "C-1001", "contact": {"email": "camille.martin@example.com"}})
+        _connect_crm(services, demo, crm.url, max_staleness_seconds=0, timeout_seconds=5)
+        token = issue(services, demo, max_uses=3)  # its use is counted: a row write
+        assert get(client, f"/l/{token}").status_code == 200
+        # A signed link for someone only the CRM knows: read, then stored locally.
+        crm.add({"id": "C-2001", "contact": {"email": "noor.haddad@example.com"}})
+        location = get(client, _signed(services, demo, "C-2001")).headers["Location"]
+        assert get(client, location).status_code == 200
+    assert probe.calls == 2
+    assert probe.held == []
+    with services.db.session() as session:
+        assert session.scalar(select(LinkToken.uses).where(LinkToken.max_uses == 3)) == 1
+
+
+def test_no_transaction_is_open_while_the_google_button_calls_google(  # type: ignore[no-untyped-def]
+        client, services, demo, google, standin, database_url) -> None:
+    from tests.txn_probe import TransactionProbe
+
+    probe = TransactionProbe(database_url)
+    standin.on_request = probe
+    services.google_client_options = {"backoff": 0.01}
+    standin.fail_next("/walletobjects/v1/loyaltyObject", 503, times=1)  # a retry, with its sleep
+    response = get(client, f"/l/{issue(services, demo)}/google", ANDROID_CHROME)
+    assert response.status_code == 303
+    assert probe.calls >= 3  # token, class, object (and the retried call)
+    assert probe.held == []
+    [event] = events(services, "google_opened")
+    assert install_states(services) == {("google", "downloaded")}

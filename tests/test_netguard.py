@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from app import netguard, webhooks_out
+from app.db import WEBHOOK_DISPATCH_KEY
 from app.models import Customer, WebhookAttempt, WebhookDelivery
 from tests.api_helpers import auth, is_problem, make_key
 from tests.webhook_receiver import WebhookReceiver
@@ -64,7 +65,7 @@ def test_api_answers_a_problem_for_a_metadata_url(client, services, demo) -> Non
 def test_a_name_resolving_to_loopback_is_refused_at_connection_time(services, demo) -> None:  # type: ignore[no-untyped-def]
     """The subscription was accepted (the operator allowed private networks then, or
     the name's DNS answer changed since): the connection itself is checked."""
-    services.db.dispatch_webhook_deliveries = lambda ids: None  # delivered by hand below
+    services.db.dispatchers[WEBHOOK_DISPATCH_KEY] = lambda ids: None  # delivered by hand below
     tenant = demo["tenant_id"]
     with WebhookReceiver() as receiver:
         port = receiver.url.rsplit(":", 1)[1]
@@ -94,7 +95,7 @@ def test_a_name_resolving_to_loopback_is_refused_at_connection_time(services, de
 
 
 def test_allowed_private_networks_deliver_as_before(services, demo) -> None:  # type: ignore[no-untyped-def]
-    services.db.dispatch_webhook_deliveries = lambda ids: None
+    services.db.dispatchers[WEBHOOK_DISPATCH_KEY] = lambda ids: None
     tenant = demo["tenant_id"]
     with WebhookReceiver() as receiver:
         with services.db.transaction(tenant) as session:

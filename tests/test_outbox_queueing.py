@@ -17,8 +17,8 @@ from app.models import Tenant
 @pytest.fixture()
 def dispatched(services) -> dict[str, list[int]]:  # type: ignore[no-untyped-def]
     seen: dict[str, list[int]] = {key: [] for key in DISPATCH_KEYS}
-    services.db.dispatch_push_jobs = seen[PUSH_DISPATCH_KEY].extend
-    services.db.dispatch_webhook_deliveries = seen[WEBHOOK_DISPATCH_KEY].extend
+    services.db.dispatchers[PUSH_DISPATCH_KEY] = seen[PUSH_DISPATCH_KEY].extend
+    services.db.dispatchers[WEBHOOK_DISPATCH_KEY] = seen[WEBHOOK_DISPATCH_KEY].extend
     return seen
 
 
@@ -68,10 +68,10 @@ def test_rollback_and_close_queue_nothing(services, dispatched) -> None:  # type
 
 def test_rows_are_read_at_commit_and_every_outbox_has_a_dispatcher(services, demo) -> None:  # type: ignore[no-untyped-def]
     seen: list[tuple[str, list[int]]] = []
-    session = services.db.session()
     for key in DISPATCH_KEYS:
-        assert session.info[key] is not None, key  # Services wires every outbox to the queue
-        session.info[key] = lambda ids, key=key: seen.append((key, ids))
+        assert services.db.dispatchers[key] is not None, key  # Services wires every outbox
+        services.db.dispatchers[key] = lambda ids, key=key: seen.append((key, ids))
+    session = services.db.session()
     tenant: Any = session.scalar(select(Tenant))
     tenant.name = "Renamed"  # an ORM row queued before its flush: its id is read at commit
     outbox.queue_after_commit(session, DISPATCH_KEYS[0], [tenant])

@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from app import enrollment, install_state, webhooks_out
 from app.customers import record_consent
+from app.db import WEBHOOK_DISPATCH_KEY
 from app.models import Card, Customer, Program, WebhookDelivery
 from tests.test_enrollment import _form, _texts
 
@@ -25,7 +26,7 @@ _EXAMPLE = re.compile(r"<!-- payload: ([a-z.]+) -->\s*```json\n(.*?)\n```", re.S
 
 def real_payloads(services, tenant_id: int) -> dict[str, dict[str, Any]]:  # type: ignore[no-untyped-def]
     """One real body per event type, in the order the doc shows them."""
-    services.db.dispatch_webhook_deliveries = lambda ids: None
+    services.db.dispatchers[WEBHOOK_DISPATCH_KEY] = lambda ids: None
     with services.db.transaction(tenant_id) as session:
         webhooks_out.create_subscription(session, tenant_id, "https://hooks.example.test/p",
                                          webhooks_out.EVENT_TYPES)

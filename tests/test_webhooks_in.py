@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from app import webhooks_in, webhooks_out
 from app.cli import main
+from app.db import PUSH_DISPATCH_KEY, WEBHOOK_DISPATCH_KEY
 from app.models import (
     Card,
     Customer,
@@ -219,7 +220,7 @@ def test_customer_created_then_updated(client, services, demo) -> None:  # type:
 
 
 def test_inbound_change_emits_customer_updated_webhook(client, services, demo) -> None:  # type: ignore[no-untyped-def]
-    services.db.dispatch_webhook_deliveries = lambda ids: None
+    services.db.dispatchers[WEBHOOK_DISPATCH_KEY] = lambda ids: None
     with services.db.transaction(demo["tenant_id"]) as session:
         webhooks_out.create_subscription(session, demo["tenant_id"], "https://x.test/h",
                                          ["customer.updated", "consent.changed"])
@@ -251,8 +252,8 @@ def test_inbound_hook_queues_its_webhook_and_push_only_once_committed(  # type: 
             seen[kind] += [(row_id, row_id in visible) for row_id in ids]
         return dispatch
 
-    services.db.dispatch_webhook_deliveries = recorder("webhook", webhooks_out.WebhookDelivery)
-    services.db.dispatch_push_jobs = recorder("push", PushJob)
+    services.db.dispatchers[WEBHOOK_DISPATCH_KEY] = recorder("webhook", webhooks_out.WebhookDelivery)
+    services.db.dispatchers[PUSH_DISPATCH_KEY] = recorder("push", PushJob)
     with services.db.transaction(demo["tenant_id"]) as session:
         webhooks_out.create_subscription(session, demo["tenant_id"], "https://x.test/h",
                                          ["customer.updated"])

@@ -16,6 +16,7 @@ from sqlalchemy import event, func, select
 from app import webhooks_out
 from app.cli import main
 from app.customers import apply_changes, record_consent
+from app.db import WEBHOOK_DISPATCH_KEY
 from app.models import (
     Card,
     CardInstallState,
@@ -52,7 +53,7 @@ def _deliveries(services, event_type: str | None = None) -> list[WebhookDelivery
 def _no_dispatch(services) -> list[int]:  # type: ignore[no-untyped-def]
     """Record dispatched ids instead of queueing them (the tests deliver by hand)."""
     dispatched: list[int] = []
-    services.db.dispatch_webhook_deliveries = dispatched.extend
+    services.db.dispatchers[WEBHOOK_DISPATCH_KEY] = dispatched.extend
     return dispatched
 
 
@@ -139,6 +140,28 @@ def test_no_subscription_no_rows_and_one_lookup_per_transaction(services, demo) 
         event.remove(services.db.engine, "before_cursor_execute", count)
     assert len(lookups) == 1, lookups
     assert _deliveries(services) == []
+
+
+def test_customer_events_come_from_listeners_installed_with_services(  # type: ignore[no-untyped-def]
+        services, demo, database_url) -> None:
+    """No import-time listener: a Database that Services did not put together (the
+    composition root) writes no customer.updated; the one Services built does."""
+    from app.db import Database
+
+    _no_dispatch(services)
+    tenant = demo["tenant_id"]
+    _subscribe(services, tenant, "https://hooks.example.test/a", "customer.updated")
+    bare = Database(database_url)
+    try:
+        with bare.transaction(tenant) as session:
+            _customer(session).first_name = "Bare"
+    finally:
+        bare.dispose()
+    assert _deliveries(services) == []
+    with services.db.transaction(tenant) as session:
+        _customer(session).first_name = "Wired"
+    [delivery] = _deliveries(services, "customer.updated")
+    assert delivery.payload["data"]["changed"] == ["first_name"]
 
 
 def test_customer_updated_only_on_real_change(services, demo) -> None:  # type: ignore[no-untyped-def]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import db
 from app.models import CrmConnection
 
 if TYPE_CHECKING:
@@ -141,7 +142,8 @@ def connector_for(session: Session, services: Services, tenant_id: int) -> Conne
         if cached is None or cached[0] != key:
             cached = (key, _make_http(row))
             per_tenant[tenant_id] = cached
-        return cached[1]
+    # Entry points that hold no transaction across HTTP get a connector that commits first.
+    return db.before_outbound(session, cached[1])
 
 
 def _make_http(row: CrmConnection) -> HttpConnector:

@@ -35,6 +35,7 @@ from app.crm.connector import (
     CrmUnavailable,
 )
 from app.customers import CustomerDataError, clean_standard, normalize_email, parse_consent
+from app.http import new_session, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -253,9 +254,7 @@ class HttpConnector:
         self.auth_value_env = auth_value_env
         self.timeout = timeout_seconds
         self.max_staleness = dt.timedelta(seconds=max_staleness_seconds)
-        self.http = requests.Session()
-        self.http.headers.update({"Accept": "application/json",
-                                  "User-Agent": "Passerelle-CRM/1"})
+        self.http = new_session("Passerelle-CRM/1", {"Accept": "application/json"})
 
     def close(self) -> None:
         self.http.close()
@@ -358,7 +357,7 @@ class HttpConnector:
         hint = {401: " (credential refused)", 403: " (credential refused)"}.get(status, "")
         if 300 <= status < 400:
             hint = " (redirect not followed: set the final URL as base URL)"
-        return self._unavailable(f"{what}: HTTP {status}{hint}", _retry_after(response))
+        return self._unavailable(f"{what}: HTTP {status}{hint}", retry_after(response.headers))
 
     def _raise_for_read(self, response: requests.Response, what: str) -> None:
         if response.status_code != 200:
@@ -399,8 +398,3 @@ class HttpConnector:
             last = urlsplit(location).path.rstrip("/").rsplit("/", 1)[-1]
             return unquote(last) or None
         return None
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After", "")
-    return float(value) if value.strip().isdigit() else None

@@ -44,7 +44,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from app.http import new_session
+
 log = logging.getLogger(__name__)
+USER_AGENT = "Passerelle-Google/1"
 
 GOOGLE_KEYS_URL = "https://pay.google.com/gp/m/issuer/keys"
 SENDER_ID = "GooglePayPasses"  # Wallet's sender id; Tink's default "Google" is Google Pay's
@@ -163,7 +166,7 @@ class RootKeyStore:
 
     def _fetch(self) -> tuple[list[RootKey], float]:
         if self._session is None:
-            self._session = requests.Session()
+            self._session = new_session(USER_AGENT)
         response = self._session.get(self.keys_url, timeout=FETCH_TIMEOUT_SECONDS)
         response.raise_for_status()
         keys = parse_root_keys(response.json())

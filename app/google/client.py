@@ -23,7 +23,6 @@ The private key and access tokens never reach the logs or exception messages.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import random
@@ -40,6 +39,9 @@ import requests
 from google.oauth2 import service_account
 
 from app import metrics
+from app.http import new_session, retry_after, transient
+
+USER_AGENT = "Passerelle-Google/1"
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ class GoogleWalletClient:
         self.service_account_email: str = self._credentials.service_account_email
         self.token_uri: str = service_account_info["token_uri"]
         self.api_url = api_url.rstrip("/")
-        self.session = session if session is not None else requests.Session()
+        self.session = session if session is not None else new_session(USER_AGENT)
         self.max_retries = max(0, int(max_retries))
         self.backoff = float(backoff)
         self.timeout = float(timeout)
@@ -292,7 +294,7 @@ class GoogleWalletClient:
                     if attempt and _retryable(status, response):
                         error.message += f" (gave up after {attempt + 1} attempts)"
                     raise error
-                delay = _retry_after(response)
+                delay = retry_after(response.headers)
                 if delay is not None and delay > MAX_RETRY_AFTER:
                     error.message += f" (Google asks to retry after {delay:.0f} s)"
                     raise error
@@ -312,33 +314,14 @@ class _NetworkError(Exception):
     """The token endpoint could not be reached (retried like API connection errors)."""
 
 
-_RETRY_STATUSES = frozenset({429})
-
-
 def _retryable(status: int, response: requests.Response) -> bool:
     if status == 429 and "quotaExceeded" in _error_reasons(response):
         return False  # a used-up quota (e.g. a pass's notifications) does not come back soon
-    if status in _RETRY_STATUSES or status >= 500:
+    if transient(status):
         return True
     if status == 403:
         return bool(_error_reasons(response) & _RETRYABLE_403_REASONS)
     return False
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _json(response: requests.Response) -> dict:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import cards, install_state
+from app.db import before_outbound
 from app.google import objects
 from app.models import (
     Card,
@@ -241,7 +242,9 @@ def save_url(session: Session, services: Services, card: Card,
     info = service_account_info(services, tenant)
     template = services.templates.get(card.program.template)
     try:
-        client = services.google_client(tenant)
+        # The entry point may ask that no transaction waits on Google (whose client
+        # sleeps between retries): then each call commits first (app.db.before_outbound).
+        client = before_outbound(session, services.google_client(tenant))
         class_ref = ensure_class(session, services, client, card.program)
         row = sync_object(session, services, client, card)
         token = sign_save_jwt(info, objects.save_payload(
@@ -265,6 +268,7 @@ def issuer_configured(session: Session, issuer_id: str) -> bool:
 def apply_callback(session: Session, message: CallbackMessage,
                    received_at: dt.datetime | None = None) -> bool:
     """Record a verified save/del callback once; True if the install state changed.
+    Flushes; the caller commits (which releases the object's row lock).
 
     The nonce's primary key makes a replay a no-op. Google's order is the order of
     ``expTimeMillis`` (the time Google sent the message plus a fixed validity of about
@@ -284,7 +288,7 @@ def apply_callback(session: Session, message: CallbackMessage,
     row = session.scalar(select(GoogleObject).where(GoogleObject.object_id == message.object_id)
                          .with_for_update().execution_options(populate_existing=True))
     if row is None or message.event_type not in ("save", "del"):
-        session.commit()
+        session.flush()
         return False  # not ours, or an event type we only acknowledge
     card = session.get(Card, row.card_id)
     assert card is not None  # the object's foreign key cascades with the card
@@ -296,7 +300,7 @@ def apply_callback(session: Session, message: CallbackMessage,
     if exp > row.saved_state_at_ms or (exp == row.saved_state_at_ms and not saved):
         changed = saved != row.saved
         row.saved, row.saved_state_at_ms = saved, exp
-    session.commit()
+    session.flush()
     return changed
 
 

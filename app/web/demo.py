@@ -58,7 +58,8 @@ def google_save(serial: str):  # type: ignore[no-untyped-def]
 
     tenant_id = _demo_tenant_id()
     svc = services()
-    with svc.db.tenant_session(tenant_id) as session:
+    # No transaction waits on Google's API: committed before each call (app.db.before_outbound).
+    with svc.db.tenant_session(tenant_id, commit_before_calls=True) as session:
         card = session.scalar(select(Card).where(Card.serial_number == serial))
         if card is None:
             abort(404, "No such card.")

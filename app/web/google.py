@@ -78,6 +78,6 @@ def callback(issuer_id: str):  # type: ignore[no-untyped-def]
     if message.event_type not in ("save", "del"):
         log.info("Google callback %r for %s acknowledged, not acted on",
                  message.event_type[:40], message.object_id)
-    with svc.db.session() as session:
+    with svc.db.transaction() as session:
         apply_callback(session, message, received_at)  # durable before we answer
     return Response(status=200)

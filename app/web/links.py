@@ -45,6 +45,7 @@ import logging
 import re
 import secrets
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
 
@@ -236,6 +237,13 @@ def _resolve_signed(params: Mapping[str, str]) -> links.LinkGrant:
         return links.resolve_signed(session, params)
 
 
+def _transaction(grant: links.LinkGrant) -> AbstractContextManager[Session]:
+    """The request's transaction, committed before each outbound call (CRM reads, Google's
+    API): no row lock is held while the network answers. Pages read the CRM before
+    they write, so a CRM that fails leaves nothing half-recorded."""
+    return services().db.transaction(grant.tenant_id, commit_before_calls=True)
+
+
 def _program(session: Session, grant: links.LinkGrant) -> Program:
     program = session.get(Program, grant.program_id)
     if program is None:
@@ -332,14 +340,15 @@ def open_link(token: str):  # type: ignore[no-untyped-def]
     grant = _resolve(token)
     svc = services()
     platform = _platform()
-    with svc.db.transaction(grant.tenant_id) as session:
-        links.record_use(session, grant)
+    with _transaction(grant) as session:
         program = _program(session, grant)
         if grant.purpose == "enroll":
+            links.record_use(session, grant)
             page_token = _page_token(session, grant, token, program, None)
             funnel.record(session, grant, "link_opened", platform=platform)
             return _enroll_form(program, links.token_path(page_token), grant.campaign)
-        fresh = _customer(session, svc, grant, refresh=True)
+        fresh = _customer(session, svc, grant, refresh=True)  # the CRM before any write
+        links.record_use(session, grant)
         page_token = _page_token(session, grant, token, program, fresh)
         card = ensure_card(session, program, fresh)
         funnel.record(session, grant, "link_opened", platform=platform, card=card)
@@ -354,7 +363,7 @@ def open_link(token: str):  # type: ignore[no-untyped-def]
 def card_page(token: str):  # type: ignore[no-untyped-def]
     grant = _resolve(token)
     svc = services()
-    with svc.db.transaction(grant.tenant_id) as session:
+    with _transaction(grant) as session:
         program = _program(session, grant)
         customer = _customer(session, svc, grant, refresh=False)
         return _landing(session, program, customer, token, _platform(),
@@ -367,7 +376,7 @@ def open_signed():  # type: ignore[no-untyped-def]
     """Exchange a signed link for a token link: the external id stops at this request."""
     grant = _resolve_signed(request.args)
     svc = services()
-    with svc.db.transaction(grant.tenant_id) as session:
+    with _transaction(grant) as session:
         program = _program(session, grant)
         customer = _customer(session, svc, grant, refresh=False)
         exchanged = replace(grant, campaign=_campaign(request.args.get("campaign")))
@@ -379,7 +388,7 @@ def open_signed():  # type: ignore[no-untyped-def]
 
 def _pkpass(grant: links.LinkGrant) -> Response:
     svc = services()
-    with svc.db.transaction(grant.tenant_id) as session:
+    with _transaction(grant) as session:
         program = _program(session, grant)
         customer = _customer(session, svc, grant, refresh=False)
         card = ensure_card(session, program, customer)
@@ -401,7 +410,7 @@ def _pkpass(grant: links.LinkGrant) -> Response:
 
 def _google(grant: links.LinkGrant):  # type: ignore[no-untyped-def]
     svc = services()
-    with svc.db.transaction(grant.tenant_id) as session:
+    with _transaction(grant) as session:
         program = _program(session, grant)
         customer = _customer(session, svc, grant, refresh=False)
         card = ensure_card(session, program, customer)
@@ -448,7 +457,7 @@ def _send_card_link(grant: links.LinkGrant) -> tuple[str, int]:
     svc = services()
     if grant.purpose not in links.PERSONAL_PURPOSES or not card_mail.enabled(svc):
         raise PageError(404, "not_found")  # never offered: the page has no such button
-    with svc.db.transaction(grant.tenant_id) as session:
+    with _transaction(grant) as session:
         program = _program(session, grant)
         member = session.get(Customer, grant.customer_id) if grant.customer_id else None
         if member is None and grant.external_id is not None:

@@ -47,7 +47,7 @@ def _not_authorized(_exc: passkit.NotAuthorized) -> Response:
 @bp.post("/devices/<device>/registrations/<pass_type>/<serial>")
 def register(device: str, pass_type: str, serial: str):  # type: ignore[no-untyped-def]
     passkit.check_identifiers(device, pass_type, serial)
-    with services().db.session() as session:
+    with services().db.transaction() as session:  # the request owns the transaction
         card = passkit.authenticate(session, pass_type, serial,
                                     request.headers.get("Authorization"))
         push_token = passkit.parse_push_token(_json_body())
@@ -58,7 +58,7 @@ def register(device: str, pass_type: str, serial: str):  # type: ignore[no-untyp
 @bp.delete("/devices/<device>/registrations/<pass_type>/<serial>")
 def unregister(device: str, pass_type: str, serial: str):  # type: ignore[no-untyped-def]
     passkit.check_identifiers(device, pass_type, serial)
-    with services().db.session() as session:
+    with services().db.transaction() as session:
         card = passkit.authenticate(session, pass_type, serial,
                                     request.headers.get("Authorization"))
         passkit.unregister(session, card, device)
@@ -92,7 +92,7 @@ def latest_pass(pass_type: str, serial: str):  # type: ignore[no-untyped-def]
     latest = passkit.signed_latest_pass(svc, pass_type, serial, header,
                                         request.if_modified_since, matching)
     if latest is None:
-        with svc.db.session() as session:
+        with svc.db.transaction() as session:
             card = passkit.authenticate(session, pass_type, serial, header)
             latest = passkit.latest_pass(session, svc, card, request.if_modified_since,
                                          matching)
@@ -110,6 +110,6 @@ def latest_pass(pass_type: str, serial: str):  # type: ignore[no-untyped-def]
 @limiter.limit(DEVICE_LOG_LIMIT)
 def log():  # type: ignore[no-untyped-def]
     messages = passkit.parse_logs(_json_body())
-    with services().db.session() as session:
+    with services().db.transaction() as session:
         passkit.store_logs(session, messages)
     return Response(status=200)
