@@ -174,7 +174,8 @@ def keep_signal_handlers():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def browser():  # type: ignore[no-untyped-def]
-    """Debian's Chromium driven by Playwright (no browser download), one per test module."""
+    """Debian's Chromium driven by Playwright (no browser download), one per test module
+    in each xdist worker: a worker never drives another's browser."""
     from playwright.sync_api import sync_playwright
 
     from tests.browser import CHROMIUM
