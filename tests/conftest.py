@@ -3,17 +3,33 @@ PASSERELLE_TEST_DATABASE_URL is set), development certificates, the Flask app.
 
 Tests commit for real (commands and workers open their own connections), so
 every table is emptied after each test instead of rolling back a transaction.
+
+The suite runs in parallel (pytest-xdist, ``-n`` in pyproject.toml). Each worker is
+its own process with its own database: a SQLite file under its own temporary folder,
+or on PostgreSQL a database ``<given database>_<worker id>`` created next to the
+given one on first use. Stand-ins and servers listen on ports the system picks.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+#: "gw0", "gw1"... in a pytest-xdist worker; empty in a serial run (``-n 0``, ``-p no:xdist``).
+WORKER_ID = os.environ.get("PYTEST_XDIST_WORKER", "")
+_OWN_METRICS = f"prometheus-{WORKER_ID}-"
+if (WORKER_ID and os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        and not Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).name.startswith(_OWN_METRICS)):
+    # Processes given one folder add up each other's metrics: a folder per worker, set
+    # before prometheus_client is imported (it reads the variable once, at import).
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_OWN_METRICS)
 
 from app import create_app, migrate
 from app.config import Settings, normalize_database_url
@@ -23,11 +39,45 @@ from app.services import Services
 TEST_DB_ENV = "PASSERELLE_TEST_DATABASE_URL"
 
 
+def configured_database_url() -> str | None:
+    """The server database this process tests against, or None for SQLite.
+
+    In an xdist worker that is ``<database>_<worker id>`` beside the database named in
+    PASSERELLE_TEST_DATABASE_URL (created here when missing, kept for the next run), so
+    that workers never empty each other's tables. A serial run uses the URL as given.
+    """
+    given = os.environ.get(TEST_DB_ENV)
+    if not given:
+        return None
+    url = make_url(normalize_database_url(given))
+    if not WORKER_ID or url.get_backend_name() != "postgresql":
+        return url.render_as_string(hide_password=False)
+    own = url.set(database=f"{url.database}_{WORKER_ID}")
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            exists = conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                                 {"name": own.database})
+            if not exists:
+                conn.execute(text(f'CREATE DATABASE "{own.database}"'))
+    finally:
+        admin.dispose()
+    return own.render_as_string(hide_password=False)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: no error under -p no:xdist
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (pyproject.toml) means one worker per core, but ``pytest -m cluster``
+    runs serially: its one test starts a dozen processes that want the whole machine."""
+    if (config.getoption("markexpr") or "").strip() == "cluster":
+        return 0
+    return None  # xdist counts the cores
+
+
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = os.environ.get(TEST_DB_ENV)
+    url = configured_database_url()
     if url:
-        url = normalize_database_url(url)
         engine = create_engine(url)
         with engine.begin() as conn:
             if engine.dialect.name == "postgresql":
@@ -124,7 +174,8 @@ def keep_signal_handlers():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def browser():  # type: ignore[no-untyped-def]
-    """Debian's Chromium driven by Playwright (no browser download), one per test module."""
+    """Debian's Chromium driven by Playwright (no browser download), one per test module
+    in each xdist worker: a worker never drives another's browser."""
     from playwright.sync_api import sync_playwright
 
     from tests.browser import CHROMIUM

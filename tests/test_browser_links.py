@@ -8,7 +8,6 @@ page, which is answered locally so the save link (a JWT) can be checked.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -20,10 +19,11 @@ from sqlalchemy import select
 
 from app import links
 from app.crm import outbox as crm_outbox
-from app.models import CrmConnection, CrmOutboxEntry, Customer, FunnelEvent, Program, Tenant
+from app.models import CrmConnection, CrmOutboxEntry, Customer, FunnelEvent, Program
+from tests import factories
 from tests.browser import ARTIFACTS, CHROMIUM, live_server
 from tests.crm_standin import CrmStandin
-from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
+from tests.google_standin import GoogleStandin
 from tests.pkpass_check import verify_pkpass
 from tests.smtp_standin import SmtpStandin
 from tests.test_platforms import ANDROID_CHROME, DESKTOP_CHROME, IPAD_OLD, IPADOS, IPHONE_SAFARI
@@ -152,12 +152,7 @@ def test_android_opens_google_with_a_save_jwt_signed_by_the_service_account(  # 
 
     with GoogleStandin() as google:
         settings.google_api_url = google.url
-        info, _ = google.new_service_account()
-        path = tmp_path / "sa.json"
-        path.write_text(json.dumps(info))
-        with services.db.transaction() as session:
-            tenant = session.get(Tenant, demo["tenant_id"])
-            tenant.google_issuer_id, tenant.google_service_account_file = DEFAULT_ISSUER_ID, str(path)
+        info = factories.google_issuer(services, demo["tenant_id"], google, tmp_path)
         phone = visit("android", locale="de-DE")
         phone.page.goto(f"{server}/l/{issue(services, demo, 'C-1003')}")
         assert phone.page.locator("a.wallet").all_inner_texts() == ["Zu Google Wallet hinzufügen"]
@@ -350,12 +345,8 @@ def test_an_ipad_is_not_offered_google_when_the_program_has_no_apple(  # type: i
 
     with GoogleStandin() as google:
         settings.google_api_url = google.url
-        info, _ = google.new_service_account()
-        path = tmp_path / "sa.json"
-        path.write_text(json.dumps(info))
+        factories.google_issuer(services, demo["tenant_id"], google, tmp_path)
         with services.db.transaction() as session:
-            tenant = session.get(Tenant, demo["tenant_id"])
-            tenant.google_issuer_id, tenant.google_service_account_file = DEFAULT_ISSUER_ID, str(path)
             session.execute(AppleIdentity.__table__.delete())
         token = issue(services, demo, "C-1004")
         tablet = visit("ipados")

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from app.cli import main
 from app.models import Card, Consent, Customer, Program, Tenant
+from tests import factories
 from tests.pkpass_check import verify_pkpass
 
 
@@ -222,15 +223,13 @@ def test_flask_cli_has_the_same_commands(app) -> None:  # type: ignore[no-untype
 
 def test_import_runs_the_update_pipeline(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from app import cards as cards_module
-    from app.models import PushJob, Registration
+    from app.models import PushJob
 
     with services.db.transaction(demo["tenant_id"]) as session:
         card = session.scalar(select(Card).join(Customer).where(
             Customer.external_id == "C-1001", Card.program_id == demo["program_ids"]["rewards"]))
         cards_module.build_pkpass(session, card, services)  # as served at install
-        session.add(Registration(card_id=card.id, device_library_identifier="dev1",
-                                 pass_type_identifier="pass.dev.passerelle.demo",
-                                 push_token="ab" * 32))
+        factories.device(session, card, "dev1", pass_type="pass.dev.passerelle.demo")
         card_id, version = card.id, card.version
     csv_file = _write(tmp_path / "points.csv", "external_id,points\nC-1001,4321\nC-1002,many\n")
     result = invoke(runner, "customers", "import", str(csv_file), "--tenant", "demo")

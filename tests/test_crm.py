@@ -36,10 +36,10 @@ from app.models import (
     Customer,
     Program,
     PushJob,
-    Registration,
     utcnow,
 )
 from app.services import Services
+from tests import factories
 from tests.crm_standin import CrmStandin
 
 TOKEN_ENV = "PASSERELLE_TEST_CRM_TOKEN"
@@ -94,10 +94,6 @@ def crm(services, demo, monkeypatch):  # type: ignore[no-untyped-def]
     with CrmStandin(auth_value=TOKEN) as standin:
         _connect(services, demo["tenant_id"], standin.url)
         yield standin
-
-
-def _customer(session, external_id: str) -> Customer | None:  # type: ignore[no-untyped-def]
-    return session.scalar(select(Customer).where(Customer.external_id == external_id))
 
 
 def _entry(services: Services, entry_id: int) -> CrmOutboxEntry:
@@ -230,7 +226,7 @@ def test_a_link_opened_fetches_a_new_customer_into_a_local_copy(services, demo, 
         customer = load_customer(session, services, tenant_id, "X-77")
         assert customer is not None and customer.id is not None
     with services.db.tenant_session(tenant_id) as session:
-        copy = _customer(session, "X-77")
+        copy = factories.customer(session, "X-77")
         assert (copy.email, copy.first_name, copy.last_name, copy.locale, copy.phone) == (
             "ines.duval@example.com", "Inès", "Duval", "fr-FR", "+33 6 00 00 00 01")
         assert copy.birthday == dt.date(1988, 7, 14)
@@ -261,13 +257,11 @@ def test_http_search_by_email_and_ids_that_are_not_path_safe(services, demo, crm
 def test_fresh_points_re_render_the_card_and_queue_its_push(services, demo, crm) -> None:  # type: ignore[no-untyped-def]
     tenant_id, rewards = demo["tenant_id"], demo["program_ids"]["rewards"]
     with services.db.transaction(tenant_id) as session:
-        camille = _customer(session, "C-1001")
+        camille = factories.customer(session, "C-1001")
         updates.customers_changed(session, services, [camille])  # cards as installed
         card = session.scalar(select(Card).where(Card.customer_id == camille.id,
                                                  Card.program_id == rewards))
-        session.add(Registration(card_id=card.id, device_library_identifier="dev-1",
-                                 pass_type_identifier=card.program.pass_type_identifier,
-                                 push_token="ab" * 32))
+        factories.device(session, card)
         before = (card.id, card.version, card.update_tag)
     crm.add(crm_json(**CAMILLE))  # the CRM has what we have: nothing to re-render
     with services.db.transaction(tenant_id) as session:
@@ -293,14 +287,14 @@ def test_crm_down_serves_the_copy_within_the_staleness_limit(services, demo, crm
     crm.add(crm_json(**CAMILLE))
     with services.db.transaction(tenant_id) as session:
         load_customer(session, services, tenant_id, "C-1001")
-        _customer(session, "C-1001").crm_fetched_at = utcnow() - dt.timedelta(minutes=50)
+        factories.customer(session, "C-1001").crm_fetched_at = utcnow() - dt.timedelta(minutes=50)
     crm.down(mode)
     with services.db.transaction(tenant_id) as session:
         customer = load_customer(session, services, tenant_id, "C-1001")
         assert customer is not None and customer.attributes["points"] == 1280
         assert refresh_customer(session, services, customer) is customer
     with services.db.transaction(tenant_id) as session:  # ten minutes later: too old
-        _customer(session, "C-1001").crm_fetched_at = utcnow() - dt.timedelta(minutes=61)
+        factories.customer(session, "C-1001").crm_fetched_at = utcnow() - dt.timedelta(minutes=61)
     with services.db.tenant_session(tenant_id) as session, \
             pytest.raises(CrmStale, match="C-1001 is 36[0-9]{2}s old") as raised:
         load_customer(session, services, tenant_id, "C-1001")
@@ -321,7 +315,7 @@ def test_a_copy_never_fetched_counts_from_its_creation(services, demo, crm) -> N
         assert load_customer(session, services, tenant_id, "W-5").first_name == "Noor"
     # The demo customers were created here too, but long ago for this test's purpose.
     with services.db.transaction(tenant_id) as session:
-        _customer(session, "C-1002").created_at = utcnow() - dt.timedelta(days=2)
+        factories.customer(session, "C-1002").created_at = utcnow() - dt.timedelta(days=2)
     with services.db.tenant_session(tenant_id) as session, pytest.raises(CrmStale):
         load_customer(session, services, tenant_id, "C-1002")
 
@@ -340,7 +334,7 @@ def test_a_pending_local_write_is_not_overwritten_by_older_crm_data(services, de
     crm.add(crm_json(**CAMILLE))
     crm.down("503")
     with services.db.transaction(tenant_id) as session:
-        camille = _customer(session, "C-1001")
+        camille = factories.customer(session, "C-1001")
         apply_changes(camille, {"first_name": "Camila"}, {})
         record_write(session, camille, "update", ["first_name"])
     crm.up()
@@ -379,7 +373,7 @@ def test_crm_down_during_a_submission_keeps_it_and_delivers_it_once_back(service
     crm.add(crm_json(**CAMILLE))
     crm.down(mode)
     with services.db.transaction(tenant_id) as session:  # an enrichment form submitted
-        camille = _customer(session, "C-1001")
+        camille = factories.customer(session, "C-1001")
         apply_changes(camille, {"phone": "+33 6 11 22 33 44"}, {})
         record_consent(session, camille, "marketing_email", False, "form",
                        text="Send me offers by email")
@@ -401,7 +395,7 @@ def test_crm_down_during_a_submission_keeps_it_and_delivers_it_once_back(service
     (patch,) = crm.accepted("PATCH")
     assert patch.path == "/customers/C-1001"
     with services.db.tenant_session(tenant_id) as session:
-        consent = _customer(session, "C-1001").current_consents()["marketing_email"]
+        consent = factories.customer(session, "C-1001").current_consents()["marketing_email"]
     assert patch.body == {"phones": [{"number": "+33 6 11 22 33 44"}],
                           "optins": {"email": False, "email_text": "Send me offers by email",
                                      "email_at": consent.recorded_at.isoformat()}}
@@ -451,7 +445,7 @@ def test_a_customers_writes_are_delivered_in_order(services, demo, crm, monkeypa
     crm.down("closed")
     create_id = _enroll(services, tenant_id, "W-2")
     with services.db.transaction(tenant_id) as session:
-        customer = _customer(session, "W-2")
+        customer = factories.customer(session, "W-2")
         apply_changes(customer, {"last_name": "Haddad"}, {"points": 5})
         update_id = record_write(session, customer, "update",
                                  ["last_name", "attributes.points"]).id
@@ -473,7 +467,7 @@ def test_an_id_assigned_by_the_crm_becomes_ours(services, demo, crm) -> None:  #
     tenant_id = demo["tenant_id"]
     entry_id = _enroll(services, tenant_id, "W-3")
     with services.db.transaction(tenant_id) as session:
-        customer = _customer(session, "W-3")
+        customer = factories.customer(session, "W-3")
         program = session.get(Program, demo["program_ids"]["rewards"])
         card = ensure_card(session, program, customer)
         updates.customers_changed(session, services, [customer])
@@ -481,7 +475,7 @@ def test_an_id_assigned_by_the_crm_becomes_ours(services, demo, crm) -> None:  #
         update_id = record_write(session, customer, "update", ["first_name"]).id
     assert deliver(services, entry_id) == "done"
     with services.db.tenant_session(tenant_id) as session:
-        assert _customer(session, "W-3") is None and _customer(session, "CRM-1") is not None
+        assert factories.customer(session, "W-3") is None and factories.customer(session, "CRM-1") is not None
         assert session.get(Card, card_id).version == version + 1  # the barcode shows the id
     assert deliver(services, update_id) == "done"
     assert crm.accepted("PATCH")[0].path == "/customers/CRM-1"
@@ -490,7 +484,7 @@ def test_an_id_assigned_by_the_crm_becomes_ours(services, demo, crm) -> None:  #
 def test_an_update_of_a_customer_the_crm_lost_creates_them(services, demo, crm) -> None:  # type: ignore[no-untyped-def]
     tenant_id = demo["tenant_id"]
     with services.db.transaction(tenant_id) as session:
-        camille = _customer(session, "C-1001")
+        camille = factories.customer(session, "C-1001")
         apply_changes(camille, {"first_name": "Cami"}, {})
         entry_id = record_write(session, camille, "update", ["first_name"]).id
     assert deliver(services, entry_id) == "done"

@@ -5,7 +5,6 @@ one drain syncs them concurrently, each object once per batch, and Google's budg
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
 
@@ -13,8 +12,9 @@ import pytest
 from sqlalchemy import select
 
 from app import pushes, updates
-from app.models import Card, Customer, GoogleObject, Program, PushJob, Tenant
-from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
+from app.models import Card, Customer, GoogleObject, Program, PushJob
+from tests import factories
+from tests.google_standin import GoogleStandin
 
 
 @pytest.fixture()
@@ -32,14 +32,7 @@ def settings(settings, standin):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def google(services, demo, standin, tmp_path):  # type: ignore[no-untyped-def]
-    info, _ = standin.new_service_account()
-    path = tmp_path / "google-sa.json"
-    path.write_text(json.dumps(info))
-    with services.db.transaction() as session:
-        tenant = session.get(Tenant, demo["tenant_id"])
-        tenant.google_issuer_id, tenant.google_service_account_file = \
-            DEFAULT_ISSUER_ID, str(path)
-    return info
+    return factories.google_issuer(services, demo["tenant_id"], standin, tmp_path)
 
 
 def _change_everyone(services, points: int) -> None:  # type: ignore[no-untyped-def]

@@ -29,6 +29,7 @@ from app.models import (
     PushJob,
     Tenant,
 )
+from tests import factories
 from tests.google_signing import GoogleSigner, tampered
 from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
 
@@ -52,13 +53,7 @@ def settings(settings, standin):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def google(services, demo, standin, tmp_path):  # type: ignore[no-untyped-def]
     """The demo tenant configured as a Google issuer; returns the service-account info."""
-    info, _ = standin.new_service_account()
-    path = tmp_path / "google-sa.json"
-    path.write_text(json.dumps(info))
-    with services.db.transaction() as session:
-        tenant = session.get(Tenant, demo["tenant_id"])
-        tenant.google_issuer_id, tenant.google_service_account_file = ISSUER, str(path)
-    return info
+    return factories.google_issuer(services, demo["tenant_id"], standin, tmp_path, ISSUER)
 
 
 def _serial(services, external_id: str = "C-1001", program: str = "rewards") -> str:  # type: ignore[no-untyped-def]

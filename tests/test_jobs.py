@@ -12,8 +12,9 @@ from sqlalchemy import select
 
 from app import pushes
 from app.config import Settings
-from app.models import Card, PushJob, Registration, utcnow
+from app.models import Card, PushJob, utcnow
 from app.services import Services
+from tests import factories
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -22,9 +23,8 @@ def _flagged_job(services, demo) -> int:  # type: ignore[no-untyped-def]
     """A push job whose only device is flagged: deliverable without any network."""
     with services.db.transaction(demo["tenant_id"]) as session:
         card = session.scalars(select(Card)).first()
-        session.add(Registration(card_id=card.id, device_library_identifier="d1",
-                                 pass_type_identifier="pass.dev.passerelle.demo",
-                                 push_token="ab" * 32, push_problem="BadDeviceToken"))
+        factories.device(session, card, "d1", pass_type="pass.dev.passerelle.demo") \
+            .push_problem = "BadDeviceToken"
         job = PushJob(card_id=card.id, update_tag=1)
         session.add(job)
         session.flush()

@@ -5,7 +5,6 @@ rate limits, headers, and no personal data in any URL."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from collections.abc import Iterator
 from html import unescape
@@ -25,6 +24,7 @@ from app.models import (
     Tenant,
     utcnow,
 )
+from tests import factories
 from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
 from tests.pkpass_check import verify_pkpass
 from tests.test_platforms import (
@@ -60,13 +60,7 @@ def standin() -> Iterator[GoogleStandin]:
 def google(settings, services, demo, standin, tmp_path):  # type: ignore[no-untyped-def]
     """The demo tenant as a Google issuer against the stand-in; the service-account info."""
     settings.google_api_url = standin.url
-    info, _ = standin.new_service_account()
-    path = tmp_path / "google-sa.json"
-    path.write_text(json.dumps(info))
-    with services.db.transaction() as session:
-        tenant = session.get(Tenant, demo["tenant_id"])
-        tenant.google_issuer_id, tenant.google_service_account_file = DEFAULT_ISSUER_ID, str(path)
-    return info
+    return factories.google_issuer(services, demo["tenant_id"], standin, tmp_path)
 
 
 def issue(services, demo, external_id: str | None = "C-1001", purpose: str = "download",  # type: ignore[no-untyped-def]

@@ -7,7 +7,6 @@ the test database), migrated step by step with rows inserted in between.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,17 +16,16 @@ from sqlalchemy import JSON, Boolean, DateTime, Integer, MetaData, create_engine
 from sqlalchemy.engine import Engine, make_url
 
 from app import migrate
-from app.config import normalize_database_url
-from tests.conftest import TEST_DB_ENV
+from tests.conftest import configured_database_url
 
 
 @pytest.fixture()
 def scratch_url(tmp_path) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    configured = os.environ.get(TEST_DB_ENV)
+    configured = configured_database_url()  # this xdist worker's own database
     if not configured:
         yield f"sqlite:///{tmp_path / 'migrations.sqlite3'}"
         return
-    url = make_url(normalize_database_url(configured))
+    url = make_url(configured)
     scratch = url.set(database=f"{url.database}_migrations")
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

@@ -10,19 +10,14 @@ import pytest
 from sqlalchemy import select
 
 from app import cards
-from app.models import Card, Customer, Program
+from app.models import Card
 from app.passes.template import MissingAttributeError
+from tests import factories
 from tests.pkpass_check import verify_pkpass
 
 
 def _root_ca(services) -> Path:  # type: ignore[no-untyped-def]
     return services.settings.certs_path / "dev" / "root-ca.pem"
-
-
-def _card(session, program_slug: str, external_id: str) -> Card:  # type: ignore[no-untyped-def]
-    return session.scalar(
-        select(Card).join(Program).join(Customer)
-        .where(Program.slug == program_slug, Customer.external_id == external_id))
 
 
 @pytest.mark.parametrize("program", ["rewards", "club"])
@@ -44,7 +39,7 @@ def test_demo_cards_verify_with_openssl(services, demo, tmp_path, program) -> No
 
 def test_loyalty_card_content_and_locale(services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
     with services.db.tenant_session(demo["tenant_id"]) as session:
-        card = _card(session, "rewards", "C-1003")  # Lena Müller, de-DE, 15420 points
+        card = factories.card(session, "C-1003", "rewards")  # Lena Müller, de-DE, 15420 points
         pass_json = verify_pkpass(cards.build_pkpass(session, card, services),
                                   _root_ca(services), tmp_path)
     fields = {f["key"]: f for group in pass_json["storeCard"].values() for f in group}
@@ -68,7 +63,7 @@ def test_localized_strings_are_utf16_and_carry_change_messages(services, demo) -
 
 def test_unchanged_data_keeps_version_changed_data_moves_it(services, demo) -> None:  # type: ignore[no-untyped-def]
     with services.db.tenant_session(demo["tenant_id"]) as session:
-        card = _card(session, "rewards", "C-1001")
+        card = factories.card(session, "C-1001", "rewards")
         cards.build_pkpass(session, card, services)
         session.commit()
         version, modified = card.version, card.last_modified
@@ -86,7 +81,7 @@ def test_unchanged_data_keeps_version_changed_data_moves_it(services, demo) -> N
                                         ("code128", "PKBarcodeFormatCode128")])
 def test_barcode_format_option(services, demo, tmp_path, fmt, apple) -> None:  # type: ignore[no-untyped-def]
     with services.db.tenant_session(demo["tenant_id"]) as session:
-        card = _card(session, "rewards", "C-1002")
+        card = factories.card(session, "C-1002", "rewards")
         card.program.options = {"barcode_format": fmt}
         pass_json = verify_pkpass(cards.build_pkpass(session, card, services),
                                   _root_ca(services), tmp_path)
@@ -97,7 +92,7 @@ def test_barcode_format_option(services, demo, tmp_path, fmt, apple) -> None:  #
 
 def test_voided_and_expiring_card(services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
     with services.db.tenant_session(demo["tenant_id"]) as session:
-        card = _card(session, "club", "C-1004")
+        card = factories.card(session, "C-1004", "club")
         card.voided = True
         card.expires_at = dt.datetime(2027, 6, 30, 22, 0, tzinfo=dt.UTC)
         pass_json = verify_pkpass(cards.build_pkpass(session, card, services),
@@ -110,7 +105,7 @@ def test_voided_and_expiring_card(services, demo, tmp_path) -> None:  # type: ig
 def test_hostile_customer_values_stay_valid_json(services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
     hostile = '"}{\n</script>'
     with services.db.tenant_session(demo["tenant_id"]) as session:
-        card = _card(session, "rewards", "C-1005")
+        card = factories.card(session, "C-1005", "rewards")
         card.customer.first_name = hostile
         card.customer.last_name = "Ωμέγα 漢字 🎉"
         card.customer.attributes["tier"] = hostile
@@ -123,7 +118,7 @@ def test_hostile_customer_values_stay_valid_json(services, demo, tmp_path) -> No
 
 def test_missing_required_attribute_names_template_field_and_attribute(services, demo) -> None:  # type: ignore[no-untyped-def]
     with services.db.tenant_session(demo["tenant_id"]) as session:
-        card = _card(session, "rewards", "C-1001")
+        card = factories.card(session, "C-1001", "rewards")
         # Point the "points" variable at an attribute nobody has; the template default
         # still applies, so map member_id (no default) to a missing attribute instead.
         card.program.field_mapping = {"member_id": "loyalty_number"}
@@ -135,7 +130,7 @@ def test_missing_required_attribute_names_template_field_and_attribute(services,
 
 def test_field_mapping_renames_attributes(services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
     with services.db.tenant_session(demo["tenant_id"]) as session:
-        card = _card(session, "rewards", "C-1001")
+        card = factories.card(session, "C-1001", "rewards")
         card.program.field_mapping = {"points": "balance"}
         card.customer.attributes["balance"] = "99"
         pass_json = verify_pkpass(cards.build_pkpass(session, card, services),
@@ -150,7 +145,7 @@ def test_pass_json_bytes_are_what_the_manifest_hashes(services, demo) -> None:  
     import zipfile
 
     with services.db.tenant_session(demo["tenant_id"]) as session:
-        data = cards.build_pkpass(session, _card(session, "rewards", "C-1001"), services)
+        data = cards.build_pkpass(session, factories.card(session, "C-1001", "rewards"), services)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         manifest = json.loads(zf.read("manifest.json"))
         assert manifest["pass.json"] == hashlib.sha1(zf.read("pass.json")).hexdigest()

@@ -21,11 +21,10 @@ from app.models import (
     Customer,
     InboundEvent,
     InboundHook,
-    Program,
     PushJob,
-    Registration,
     Tenant,
 )
+from tests import factories
 
 URL = "/hooks/demo/loyalty"
 
@@ -62,11 +61,8 @@ def _events(services) -> list[InboundEvent]:  # type: ignore[no-untyped-def]
 def device(services, demo) -> int:  # type: ignore[no-untyped-def]
     """C-1002's rewards card, installed on one Apple device: its changes must be pushed."""
     with services.db.transaction(demo["tenant_id"]) as session:
-        card = session.scalar(select(Card).join(Program).join(Customer).where(
-            Program.slug == "rewards", Customer.external_id == "C-1002"))
-        session.add(Registration(card_id=card.id, device_library_identifier="phone-1",
-                                 pass_type_identifier=card.program.pass_type_identifier,
-                                 push_token="ab" * 32))
+        card = factories.card(session, "C-1002")
+        factories.device(session, card, "phone-1")
         return card.id
 
 

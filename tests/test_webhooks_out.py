@@ -26,6 +26,7 @@ from app.models import (
     WebhookSubscription,
     utcnow,
 )
+from tests import factories
 from tests.webhook_receiver import WebhookReceiver, signature_ok
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
@@ -36,10 +37,6 @@ def _subscribe(services, tenant_id: int, url: str, *types: str) -> tuple[int, st
         sub = webhooks_out.create_subscription(session, tenant_id, url, types,
                                                allow_private=True)  # local receivers
         return sub.id, sub.secret
-
-
-def _customer(session, external_id: str = "C-1002") -> Customer:  # type: ignore[no-untyped-def]
-    return session.scalar(select(Customer).where(Customer.external_id == external_id))
 
 
 def _deliveries(services, event_type: str | None = None) -> list[WebhookDelivery]:  # type: ignore[no-untyped-def]
@@ -169,7 +166,7 @@ def test_customer_updated_only_on_real_change(services, demo) -> None:  # type: 
     tenant = demo["tenant_id"]
     _subscribe(services, tenant, "https://hooks.example.test/a", "customer.updated")
     with services.db.transaction(tenant) as session:
-        customer = _customer(session)
+        customer = factories.customer(session)
         assert not apply_changes(customer, {"first_name": customer.first_name},
                                  {"points": customer.attributes["points"]})
         customer.last_name = customer.last_name  # same value
@@ -178,7 +175,7 @@ def test_customer_updated_only_on_real_change(services, demo) -> None:  # type: 
     assert _deliveries(services) == []
 
     with services.db.transaction(tenant) as session:
-        customer = _customer(session)
+        customer = factories.customer(session)
         customer.attributes["points"] = 999  # in place
         session.flush()
         apply_changes(customer, {"first_name": "Jirka"}, {})  # a second change, same customer
@@ -193,7 +190,7 @@ def test_customer_updated_only_on_real_change(services, demo) -> None:  # type: 
     assert delivery.payload["id"] == delivery.event_id
 
     with services.db.transaction(tenant) as session:
-        customer = _customer(session)
+        customer = factories.customer(session)
         customer.attributes = {**customer.attributes, "points": 999}  # replaced, same content
     assert len(_deliveries(services)) == 1
 
@@ -204,7 +201,7 @@ def test_rolled_back_change_makes_no_event(services, demo) -> None:  # type: ign
                "customer.updated", "consent.changed")
     with pytest.raises(RuntimeError):
         with services.db.transaction(demo["tenant_id"]) as session:
-            customer = _customer(session)
+            customer = factories.customer(session)
             customer.attributes["points"] = 1
             record_consent(session, customer, "sms", True, "api")
             session.flush()
@@ -219,7 +216,7 @@ def test_consent_changed_on_real_change_including_imports(services, demo, tmp_pa
     tenant = demo["tenant_id"]
     _subscribe(services, tenant, "https://hooks.example.test/c", "consent.changed")
     with services.db.transaction(tenant) as session:
-        customer = _customer(session)
+        customer = factories.customer(session)
         assert not record_consent(session, customer, "marketing_email", True, "api")  # same
         assert record_consent(session, customer, "marketing_email", False, "api")
     [delivery] = _deliveries(services)
@@ -243,7 +240,7 @@ def test_wallet_status_in_payload(services, demo) -> None:  # type: ignore[no-un
     tenant = demo["tenant_id"]
     _subscribe(services, tenant, "https://hooks.example.test/w", "customer.updated")
     with services.db.transaction(tenant) as session:
-        customer = _customer(session)
+        customer = factories.customer(session)
         card = session.scalar(select(Card).where(Card.customer_id == customer.id))
         session.add(CardInstallState(card_id=card.id, program_id=card.program_id,
                                      customer_id=card.customer_id,
@@ -253,7 +250,7 @@ def test_wallet_status_in_payload(services, demo) -> None:  # type: ignore[no-un
                                      customer_id=card.customer_id,
                                      platform="google", state="removed", device_count=0))
     with services.db.transaction(tenant) as session:
-        customer = _customer(session)  # held: SQLAlchemy forgets in-place edits of dropped rows
+        customer = factories.customer(session)  # held: SQLAlchemy forgets in-place edits of dropped rows
         customer.attributes["points"] = 5
     [delivery] = _deliveries(services)
     wallet = delivery.payload["data"]["wallet"]
@@ -278,7 +275,7 @@ def test_emit_refuses_unknown_types_and_subscriptions_validate(services, demo) -
 
 def _change_points(services, tenant_id: int, points: int) -> None:  # type: ignore[no-untyped-def]
     with services.db.transaction(tenant_id) as session:
-        customer = _customer(session)  # held: SQLAlchemy forgets in-place edits of dropped rows
+        customer = factories.customer(session)  # held: SQLAlchemy forgets in-place edits of dropped rows
         customer.attributes["points"] = points
 
 
