@@ -151,12 +151,12 @@ def test_customer_events_come_from_listeners_installed_with_services(  # type: i
     bare = Database(database_url)
     try:
         with bare.transaction(tenant) as session:
-            _customer(session).first_name = "Bare"
+            factories.customer(session).first_name = "Bare"
     finally:
         bare.dispose()
     assert _deliveries(services) == []
     with services.db.transaction(tenant) as session:
-        _customer(session).first_name = "Wired"
+        factories.customer(session).first_name = "Wired"
     [delivery] = _deliveries(services, "customer.updated")
     assert delivery.payload["data"]["changed"] == ["first_name"]
 
