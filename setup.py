@@ -2,7 +2,7 @@
 
 ``migrations/`` and ``pass_templates/`` stay at the repository root, where people look
 for them, but an installed wheel has no repository root: the wheel carries them as
-``app/_migrations`` and ``app/_pass_templates``, and app.config.shipped() finds them in
+``app/_migrations`` and ``app/_pass_templates``, and app.infra.config.shipped() finds them in
 either place. Everything else is configured in pyproject.toml.
 """
 

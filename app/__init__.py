@@ -7,8 +7,8 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import logs
-from app.config import Settings
+from app.infra import logs
+from app.infra.config import Settings
 from app.services import Services
 
 

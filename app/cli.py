@@ -14,26 +14,21 @@ from flask.cli import FlaskGroup, with_appcontext
 from sqlalchemy import select
 from tqdm import tqdm
 
-from app import (
-    bulk,
-    certs,
-    diagnostics,
-    links,
-    links_export,
-    logs,
-    migrate,
-    pushes,
-    readiness,
-    retention,
-    tenants,
-    updates,
-)
-from app import demo as demo_data
-from app.bounds import ROW_ID_MAX, ROW_ID_MIN, column_max
-from app.customers import ImportFileError, import_csv
-from app.models import CrmConnection, Customer, Program, Tenant, utcnow
-from app.passes.template import TemplateError
+from app.customers.customers import ImportFileError, import_csv
+from app.distribution import links
+from app.infra import logs, migrate
+from app.infra.bounds import ROW_ID_MAX, ROW_ID_MIN, column_max
+from app.infra.models import CrmConnection, Customer, Program, Tenant, utcnow
+from app.ops import readiness, retention
+from app.segments import links_export
 from app.services import Services
+from app.tenants import demo as demo_data
+from app.tenants import tenants
+from app.tracking import diagnostics
+from app.updates import bulk, pushes
+from app.updates import refresh as updates
+from app.wallet import certs
+from app.wallet.template import TemplateError
 
 #: Row ids on the command line: the id columns' range, refused by Click before any query.
 ROW_ID = click.IntRange(ROW_ID_MIN, ROW_ID_MAX)
@@ -352,8 +347,8 @@ def google_configure(tenant_slug: str, issuer_id: str, service_account: str) -> 
 @with_appcontext
 def google_check(tenant_slug: str) -> None:
     """Verify the service account's credentials and its access to the issuer."""
-    from app.google.client import GoogleApiError
-    from app.google.wallet import GoogleNotConfigured
+    from app.updates.google_client import GoogleApiError
+    from app.updates.google_wallet import GoogleNotConfigured
 
     _ensure_migrated()
     svc = services()
@@ -754,7 +749,7 @@ def apikeys_group() -> None:
 @with_appcontext
 def apikeys_create(tenant_slug: str, scope: str, name: str) -> None:
     """Create a key and print it (it cannot be shown again)."""
-    from app import apikeys, audit
+    from app.admin import apikeys, audit
 
     _ensure_migrated()
     with services().db.transaction() as session:
@@ -775,7 +770,7 @@ def apikeys_create(tenant_slug: str, scope: str, name: str) -> None:
 @with_appcontext
 def apikeys_list(tenant_slug: str) -> None:
     """List a tenant's keys: prefix, scope, name, last use, revocation."""
-    from app import apikeys
+    from app.admin import apikeys
 
     _ensure_migrated()
     with services().db.session() as session:
@@ -793,7 +788,7 @@ def apikeys_list(tenant_slug: str) -> None:
 @with_appcontext
 def apikeys_revoke(tenant_slug: str, key: str) -> None:
     """Revoke a key, named by its id or prefix (pk_xxxxxxxx)."""
-    from app import apikeys, audit
+    from app.admin import apikeys, audit
 
     _ensure_migrated()
     with services().db.transaction() as session:
@@ -824,7 +819,7 @@ def webhooks_group() -> None:
 @with_appcontext
 def webhooks_add(tenant_slug: str, url: str, events: str, description: str | None) -> None:
     """Subscribe a URL to event types; prints the signing secret once."""
-    from app import webhooks_out
+    from app.webhooks import outbound as webhooks_out
 
     _ensure_migrated()
     svc = services()
@@ -846,7 +841,7 @@ def webhooks_add(tenant_slug: str, url: str, events: str, description: str | Non
 @with_appcontext
 def webhooks_list(tenant_slug: str | None) -> None:
     """Subscriptions (never their secrets)."""
-    from app.models import WebhookSubscription
+    from app.infra.models import WebhookSubscription
 
     _ensure_migrated()
     with services().db.session() as session:
@@ -869,7 +864,7 @@ def webhooks_deliveries(tenant_slug: str, failed: bool, limit: int) -> None:
     """The delivery log, newest first, with each attempt's HTTP status."""
     from sqlalchemy import or_
 
-    from app.models import WebhookAttempt, WebhookDelivery
+    from app.infra.models import WebhookAttempt, WebhookDelivery
 
     _ensure_migrated()
     svc = services()
@@ -896,8 +891,8 @@ def webhooks_deliveries(tenant_slug: str, failed: bool, limit: int) -> None:
 @with_appcontext
 def webhooks_redeliver(delivery_id: int) -> None:
     """Send a delivery's event again (same event id and body) as a new delivery."""
-    from app import webhooks_out
-    from app.models import WebhookDelivery
+    from app.infra.models import WebhookDelivery
+    from app.webhooks import outbound as webhooks_out
 
     _ensure_migrated()
     svc = services()
@@ -913,7 +908,7 @@ def webhooks_redeliver(delivery_id: int) -> None:
 
 
 def _set_subscription_active(subscription_id: int, active: bool) -> None:
-    from app.models import WebhookSubscription
+    from app.infra.models import WebhookSubscription
 
     _ensure_migrated()
     with services().db.transaction() as session:
@@ -962,7 +957,7 @@ def hooks_create(tenant_slug: str, slug: str, auth: str, header_name: str | None
 
     from sqlalchemy.exc import IntegrityError
 
-    from app import webhooks_in
+    from app.webhooks import inbound as webhooks_in
 
     _ensure_migrated()
     mapping = None
@@ -999,7 +994,7 @@ def hooks_create(tenant_slug: str, slug: str, auth: str, header_name: str | None
 @with_appcontext
 def hooks_events(tenant_slug: str, status: str | None, limit: int) -> None:
     """Received events, newest first, with why they failed or were ignored."""
-    from app.models import InboundEvent, InboundHook
+    from app.infra.models import InboundEvent, InboundHook
 
     _ensure_migrated()
     svc = services()
@@ -1045,8 +1040,8 @@ def admins_create(tenant_slug: str, email: str, role: str) -> None:
     prompt (never an option: options land in shell history and process lists)."""
     import os
 
-    from app import admin_users
-    from app.audit import record as audit_record
+    from app.admin import users as admin_users
+    from app.admin.audit import record as audit_record
 
     password = os.environ.get(ADMIN_PASSWORD_ENV)
     if password is None:
@@ -1068,7 +1063,7 @@ def admins_create(tenant_slug: str, email: str, role: str) -> None:
 @with_appcontext
 def admins_list(tenant_slug: str) -> None:
     """List a tenant's dashboard users."""
-    from app import admin_users
+    from app.admin import users as admin_users
 
     with services().db.transaction() as session:
         tenant = _dashboard_tenant(session, tenant_slug)
@@ -1083,8 +1078,8 @@ def admins_list(tenant_slug: str) -> None:
 @with_appcontext
 def admins_disable(tenant_slug: str, email: str) -> None:
     """Disable a dashboard user (their sessions end at their next click)."""
-    from app import admin_users
-    from app.audit import record as audit_record
+    from app.admin import users as admin_users
+    from app.admin.audit import record as audit_record
 
     with services().db.transaction() as session:
         tenant = _dashboard_tenant(session, tenant_slug)
@@ -1113,7 +1108,7 @@ def _tenant_program(session, tenant_slug: str, program_slug: str) -> Program:  #
 
 def _segment_options(func):  # type: ignore[no-untyped-def]
     """The filters `segments count` and `segments export` share."""
-    from app.segments import STATES
+    from app.segments.segments import STATES
 
     day = click.DateTime(["%Y-%m-%d"])
     for option in reversed([
@@ -1138,7 +1133,7 @@ def _segment_options(func):  # type: ignore[no-untyped-def]
 
 def _segment(program: Program, options: dict[str, object]):  # type: ignore[no-untyped-def]
     """A Segment from the shared options (dates are UTC days, `--*-to` inclusive)."""
-    from app.segments import Segment, parse_bound
+    from app.segments.segments import Segment, parse_bound
 
     bounds = {name: parse_bound(name, f"{value:%Y-%m-%d}")
               for name in ("created_from", "created_to", "installed_from", "installed_to")
@@ -1167,7 +1162,7 @@ def segments_count(tenant_slug: str, program_slug: str, as_json: bool, **options
     """Count a segment's customers."""
     import json
 
-    from app import segments
+    from app.segments import segments
 
     _ensure_migrated()
     svc = services()
@@ -1195,7 +1190,7 @@ def segments_export(tenant_slug: str, program_slug: str, out_path: str, link_pur
                     link_campaign: str | None, link_expires_in_days: int | None,
                     limit: int | None, **options: object) -> None:
     """Write a segment as CSV with a fresh personal link per row."""
-    from app import segments
+    from app.segments import segments
 
     _ensure_migrated()
     svc = services()
@@ -1247,7 +1242,7 @@ def funnel_command(tenant_slug: str, program_slug: str, campaign: str | None,
     """Links issued -> opened -> downloaded -> installed, per day of issue or campaign."""
     import json
 
-    from app import funnel_stats
+    from app.segments import funnel_stats
 
     _ensure_migrated()
     svc = services()
@@ -1284,7 +1279,7 @@ def installs_group() -> None:
 @with_appcontext
 def installs_rebuild(tenant_slug: str | None) -> None:
     """Recompute every card's install state from the install log; print the counts."""
-    from app import install_state
+    from app.tracking import install_state
 
     _ensure_migrated()
     svc = services()

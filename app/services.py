@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app import certs, webhooks_out
-from app.config import Settings
-from app.db import (
+from app.infra.config import Settings
+from app.infra.db import (
     CRM_DISPATCH_KEY,
     IMPORT_DISPATCH_KEY,
     MAIL_DISPATCH_KEY,
@@ -20,16 +19,18 @@ from app.db import (
     WEBHOOK_DISPATCH_KEY,
     Database,
 )
+from app.infra.models import AppleIdentity, Program
 from app.jobs import JobQueue
-from app.models import AppleIdentity, Program
-from app.passes.builder import PassBuilder
-from app.passes.images import ImageCache
-from app.passes.template import TemplateLibrary
+from app.wallet import certs
+from app.wallet.builder import PassBuilder
+from app.wallet.images import ImageCache
+from app.wallet.template import TemplateLibrary
+from app.webhooks import outbound as webhooks_out
 
 if TYPE_CHECKING:
     from flask import Flask
 
-    from app.apns import ApnsPool
+    from app.updates.apns import ApnsPool
 
 
 class Services:
@@ -63,7 +64,7 @@ class Services:
     def apns(self) -> ApnsPool:
         """APNs connections, one per pass type, opened on first use and kept."""
         if self._apns is None:
-            from app.apns import ApnsPool  # the HTTP/2 stack loads only where pushes run
+            from app.updates.apns import ApnsPool  # the HTTP/2 stack loads only where pushes run
 
             ca_file = Path(self.settings.apns_ca_file) if self.settings.apns_ca_file else None
             self._apns = ApnsPool(self.settings.apns_url, ca_file=ca_file)
@@ -72,7 +73,7 @@ class Services:
     def apns_client(self, identity: AppleIdentity):  # type: ignore[no-untyped-def]
         """The APNs client for a pass type: its .p8 token key if one is registered,
         else the pass certificate itself (Apple's documented way)."""
-        from app.apns import ApnsTokenKey
+        from app.updates.apns import ApnsTokenKey
 
         token_key = None
         if identity.apns_key_file and identity.apns_key_id:
@@ -84,8 +85,8 @@ class Services:
 
     def google_client(self, tenant):  # type: ignore[no-untyped-def]
         """The tenant's Google Wallet REST client (one per service-account file version)."""
-        from app.google.client import GoogleWalletClient
-        from app.google.wallet import service_account_info
+        from app.updates.google_client import GoogleWalletClient
+        from app.updates.google_wallet import service_account_info
 
         info = service_account_info(self, tenant)
         key = (tenant.id, info.get("private_key_id"), info.get("client_email"))
@@ -98,7 +99,7 @@ class Services:
     def google_root_keys(self):  # type: ignore[no-untyped-def]
         """Google's callback root keys, fetched and cached per Cache-Control."""
         if self._google_keys is None:
-            from app.google.callbacks import RootKeyStore, parse_root_keys
+            from app.tracking.google_callbacks import RootKeyStore, parse_root_keys
 
             preloaded = None
             if self.settings.google_keys_file:

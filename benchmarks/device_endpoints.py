@@ -31,10 +31,12 @@ from sqlalchemy import insert, select, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import demo, migrate, updates  # noqa: E402
-from app.config import Settings  # noqa: E402
-from app.models import Card, Counter, Customer, Registration  # noqa: E402
+from app.infra import migrate
+from app.infra.config import Settings  # noqa: E402
+from app.infra.models import Card, Counter, Customer, Registration  # noqa: E402
 from app.services import Services  # noqa: E402
+from app.tenants import demo
+from app.updates import refresh as updates  # noqa: E402
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 DB = "passerelle_bench"

@@ -9,7 +9,7 @@ so its peak RSS (VmHWM) is its own:
 - idle: the same imports and one query, no export — the floor every process pays;
 - bare baseline: per row a token, its SHA-256, the URL and a CSV line, no
   database — what the export would cost if storing links were free;
-- export: ``app.links_export.export_links`` (what ``passerelle links export``
+- export: ``app.segments.links_export.export_links`` (what ``passerelle links export``
   runs), at both sizes, timed; then again under tracemalloc for the peak of
   Python allocations (slower, so not timed).
 
@@ -34,9 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, insert, select  # noqa: E402
 
-from app import links, links_export, migrate  # noqa: E402
-from app.db import Database  # noqa: E402
-from app.models import Customer, Program, Tenant, utcnow  # noqa: E402
+from app.distribution import links
+from app.infra import migrate  # noqa: E402
+from app.infra.db import Database  # noqa: E402
+from app.infra.models import Customer, Program, Tenant, utcnow  # noqa: E402
+from app.segments import links_export
 
 PUBLIC = "https://wallet.example.com"
 

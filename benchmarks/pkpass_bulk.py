@@ -8,9 +8,9 @@ Measured in the same run, on the same certificates and files:
   per card, SHA-1 manifest, cryptography's PKCS#7 detached signature, and a
   zipfile archive (PNGs stored, text deflated). No template, no database.
 - full path: per card, Jinja render + locale formatting + pass.json validation
-  + manifest + signature + zip, through app.passes.builder.PassBuilder, with
+  + manifest + signature + zip, through app.wallet.builder.PassBuilder, with
   the template's derived images cached.
-- end to end: `cards build` logic (app.bulk.build_program) over a SQLite
+- end to end: `cards build` logic (app.updates.bulk.build_program) over a SQLite
   database of --db-cards customers, on all cores, with peak memory.
 
 Each figure is cards per second; per-core figures run in one process, the
@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.serialization import pkcs7  # noqa: E402
 
-from app import certs  # noqa: E402
-from app.passes.builder import CardInput, PassBuilder  # noqa: E402
-from app.passes.images import ImageCache  # noqa: E402
-from app.passes.template import TemplateLibrary  # noqa: E402
+from app.wallet import certs  # noqa: E402
+from app.wallet.builder import CardInput, PassBuilder  # noqa: E402
+from app.wallet.images import ImageCache  # noqa: E402
+from app.wallet.template import TemplateLibrary  # noqa: E402
 
 PASS_TYPE, TEAM = "pass.bench.passerelle", "BENCHTEAM1"
 NAMES = ["Camille Martin", "Jiří Novák", "Lena Müller", "Zoë O'Connor", "Sam Taylor"]
@@ -122,10 +122,12 @@ def throughput(kind: str, certs_dir: str, count: int, processes: int, repeat: in
 
 def seed_database(instance: Path, customers: int) -> None:
     """A demo tenant plus `customers` customers with cards, in a SQLite database."""
-    from app import bulk, demo, migrate
-    from app.config import Settings
-    from app.models import Customer, Program
+    from app.infra import migrate
+    from app.infra.config import Settings
+    from app.infra.models import Customer, Program
     from app.services import Services
+    from app.tenants import demo
+    from app.updates import bulk
 
     settings = Settings.from_env(environ={}, instance_path=instance, strict_certs=False)
     migrate.upgrade(settings.database_url)
@@ -149,10 +151,10 @@ def build_only(instance: Path, workers: int) -> None:
     """Run in its own process so its peak memory is the build's alone; prints JSON."""
     from sqlalchemy import select
 
-    from app import bulk
-    from app.config import Settings
-    from app.models import Program
+    from app.infra.config import Settings
+    from app.infra.models import Program
     from app.services import Services
+    from app.updates import bulk
 
     settings = Settings.from_env(environ={}, instance_path=instance, strict_certs=False)
     services = Services(settings)

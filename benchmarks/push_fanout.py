@@ -49,10 +49,11 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import func, insert, select, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from app import demo, migrate  # noqa: E402
-from app.config import Settings  # noqa: E402
-from app.models import Card, Customer, Program, PushAttempt, PushJob, Registration  # noqa: E402
+from app.infra import migrate  # noqa: E402
+from app.infra.config import Settings  # noqa: E402
+from app.infra.models import Card, Customer, Program, PushAttempt, PushJob, Registration  # noqa: E402
 from app.services import Services  # noqa: E402
+from app.tenants import demo
 
 PASS_TYPE = demo.DEMO_PASS_TYPE
 STREAMS = 100  # h2load's concurrent streams on its one connection

@@ -29,7 +29,7 @@ are the length of the ones devices send. Per card:
     import_jobs          1 per campaign (the CSV import)
 
 All of it is dated 401 days ago: past every retention window, the funnel's 400
-days included. Then ``app.retention.prune`` (what ``passerelle prune`` and the
+days included. Then ``app.ops.retention.prune`` (what ``passerelle prune`` and the
 worker's daily task call) with the default windows and batch size, then a plain
 ``VACUUM`` (what autovacuum does: the space becomes reusable, and empty pages at
 a table's end go back to the file system). Then (``--campaigns``, default 3) the
@@ -62,10 +62,10 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import func, insert, select, text  # noqa: E402
 from sqlalchemy.engine import Connection, make_url  # noqa: E402
 
-from app import demo, migrate, retention, webhooks_out  # noqa: E402
-from app.config import Settings  # noqa: E402
 from app.crm.outbox import customer_payload  # noqa: E402
-from app.models import (  # noqa: E402
+from app.infra import migrate
+from app.infra.config import Settings  # noqa: E402
+from app.infra.models import (  # noqa: E402
     Card,
     CrmOutboxEntry,
     Customer,
@@ -84,7 +84,10 @@ from app.models import (  # noqa: E402
     WebhookDelivery,
     utcnow,
 )
+from app.ops import retention
 from app.services import Services  # noqa: E402
+from app.tenants import demo
+from app.webhooks import outbound as webhooks_out  # noqa: E402
 
 CHUNK = 10_000
 AGE = dt.timedelta(days=401)  # past every default window (funnel_events: 400 days)

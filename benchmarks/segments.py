@@ -35,9 +35,11 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import demo, migrate, segments  # noqa: E402
-from app.config import Settings  # noqa: E402
+from app.infra import migrate
+from app.infra.config import Settings  # noqa: E402
+from app.segments import segments  # noqa: E402
 from app.services import Services  # noqa: E402
+from app.tenants import demo
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test_h9"
 TIERS = ("Member", "Silver", "Gold", "Platinum")

@@ -16,7 +16,7 @@ device then asks for its serials since its tag and fetches the latest pass, like
 Wallet. The run ends when the last device holds the new version.
 
 Printed per stage, each with its ceiling measured in the same run:
-- import: rows/s, against `cards build` (app.bulk.build_program) on the same cards,
+- import: rows/s, against `cards build` (app.updates.bulk.build_program) on the same cards,
   and the same import run alone before the storm (no workers, no devices);
 - pushes: pushes/s as devices received them, against the stand-in's ceiling with a
   lean client (h2load -c 1 -m 100; a bare Python h2 loop without h2load);
@@ -55,10 +55,12 @@ import psycopg  # noqa: E402
 import redis  # noqa: E402
 from sqlalchemy import insert, select, text, update  # noqa: E402
 
-from app import bulk, demo, migrate  # noqa: E402
-from app.config import Settings  # noqa: E402
-from app.models import Card, Customer, Program, PushJob, Registration, Tenant, utcnow  # noqa: E402
+from app.infra import migrate  # noqa: E402
+from app.infra.config import Settings  # noqa: E402
+from app.infra.models import Card, Customer, Program, PushJob, Registration, Tenant, utcnow  # noqa: E402
 from app.services import Services  # noqa: E402
+from app.tenants import demo
+from app.updates import bulk
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 PASS_TYPE = demo.DEMO_PASS_TYPE

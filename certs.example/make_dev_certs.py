@@ -18,7 +18,7 @@ from pathlib import Path
 # Run from a checkout without installing: make `app` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.certs import CertificateError, make_dev_certs  # noqa: E402
+from app.wallet.certs import CertificateError, make_dev_certs  # noqa: E402
 
 
 def _default_certs_path() -> Path:

@@ -1,9 +1,9 @@
-"""Alembic environment: runs migrations against the URL given by app.migrate."""
+"""Alembic environment: runs migrations against the URL given by app.infra.migrate."""
 
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from app.models import Base
+from app.infra.models import Base
 
 config = context.config
 target_metadata = Base.metadata

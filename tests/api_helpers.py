@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app import apikeys
-from app.models import (
+from app.admin import apikeys
+from app.infra.models import (
     AppleIdentity,
     Card,
     Customer,

@@ -31,9 +31,10 @@ if (WORKER_ID and os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     # before prometheus_client is imported (it reads the variable once, at import).
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_OWN_METRICS)
 
-from app import create_app, migrate
-from app.config import Settings, normalize_database_url
-from app.models import Base
+from app import create_app
+from app.infra import migrate
+from app.infra.config import Settings, normalize_database_url
+from app.infra.models import Base
 from app.services import Services
 
 TEST_DB_ENV = "PASSERELLE_TEST_DATABASE_URL"
@@ -141,7 +142,7 @@ def runner(app):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def demo(services: Services):  # type: ignore[no-untyped-def]
-    from app import demo as demo_data
+    from app.tenants import demo as demo_data
 
     with services.db.transaction() as session:
         seeded = demo_data.seed(session, services)

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Card, Customer, Program, Registration, Tenant
+from app.infra.models import Card, Customer, Program, Registration, Tenant
 from app.services import Services
 from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from app.google.callbacks import RootKey, parse_root_keys
+from app.tracking.google_callbacks import RootKey, parse_root_keys
 
 SENDER_ID = "GooglePayPasses"
 PROTOCOL = "ECv2SigningOnly"

@@ -4,7 +4,7 @@
 - manifest.json's SHA-1 values are recomputed from the archived bytes;
 - ``openssl smime -verify`` checks the detached signature against a CA file;
 - image pixel sizes are compared with Apple's table, written out here again
-  rather than imported from app.passes.images;
+  rather than imported from app.wallet.images;
 - pass.json keys and types are checked against Apple's documented set.
 """
 

@@ -15,8 +15,9 @@ from argon2 import PasswordHasher
 from PIL import Image
 from sqlalchemy import func, select
 
-from app import admin_users, install_state, links, segments
-from app.models import (
+from app.admin import users as admin_users
+from app.distribution import links
+from app.infra.models import (
     AdminUser,
     AuditEntry,
     Card,
@@ -31,6 +32,8 @@ from app.models import (
     WebhookSubscription,
     utcnow,
 )
+from app.segments import segments
+from app.tracking import install_state
 from app.web import admin as admin_views
 
 PASSWORD = "correct horse battery"
@@ -464,7 +467,8 @@ def test_programs_show_previews_and_installs_by_platform(app, services, world) -
 
 
 def test_funnel_chart_per_campaign(app, services, world) -> None:  # type: ignore[no-untyped-def]
-    from app import funnel, links
+    from app.distribution import links
+    from app.tracking import funnel
 
     with services.db.transaction() as session:
         program = session.scalar(select(Program).where(Program.tenant_id == world["tenant_a"],
@@ -493,7 +497,7 @@ def test_funnel_chart_per_campaign(app, services, world) -> None:  # type: ignor
 
 
 def test_funnel_panel_says_when_it_is_not_available(app, world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from app import dashboard
+    from app.admin import dashboard
 
     monkeypatch.setattr(dashboard, "funnel_available", lambda: False)
     client = signed_in(app, "viewer@a.example")
@@ -551,7 +555,7 @@ def test_export_streams_csv_with_a_link_per_row(app, services, world) -> None:  
 
 
 def test_export_of_a_large_segment_streams_in_chunks(app, services, world) -> None:  # type: ignore[no-untyped-def]
-    from app.customers import record_consent
+    from app.customers.customers import record_consent
 
     with services.db.transaction() as session:
         for n in range(segments.CHUNK + 5):
@@ -572,8 +576,8 @@ def test_export_of_a_large_segment_streams_in_chunks(app, services, world) -> No
 
 
 def test_an_export_the_browser_leaves_stops_issuing_links(app, services, world) -> None:  # type: ignore[no-untyped-def]
-    from app.customers import record_consent
-    from app.models import LinkToken
+    from app.customers.customers import record_consent
+    from app.infra.models import LinkToken
 
     with services.db.transaction() as session:
         for n in range(2 * segments.CHUNK + 5):
@@ -622,7 +626,7 @@ def test_customer_search_by_email_prefix_and_external_id(app, world) -> None:  #
 
 
 def test_customer_search_is_paginated(app, services, world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from app import dashboard
+    from app.admin import dashboard
 
     monkeypatch.setattr(dashboard, "SEARCH_PAGE", 2)
     client = signed_in(app, "viewer@a.example")

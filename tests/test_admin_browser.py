@@ -16,8 +16,9 @@ import pytest
 from PIL import Image, ImageStat
 from sqlalchemy import select
 
-from app import admin_users, funnel, install_state, links
-from app.models import (
+from app.admin import users as admin_users
+from app.distribution import links
+from app.infra.models import (
     Card,
     Customer,
     LinkToken,
@@ -27,6 +28,7 @@ from app.models import (
     WebhookDelivery,
     WebhookSubscription,
 )
+from app.tracking import funnel, install_state
 from tests.browser import ARTIFACTS, CHROMIUM, live_server
 
 pytestmark = pytest.mark.skipif(

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image, ImageChops
 from sqlalchemy import func, select
 
-from app import apikeys
-from app.models import ApiKey, AuditEntry, Card, Customer, DeviceLog, PushJob, Registration
+from app.admin import apikeys
+from app.infra.models import ApiKey, AuditEntry, Card, Customer, DeviceLog, PushJob, Registration
 from tests.api_helpers import auth, is_problem, make_key, make_other_tenant
 
 API = "/api/v1"

@@ -9,8 +9,8 @@ import io
 import pytest
 from sqlalchemy import func, select
 
-from app import links
-from app.models import LinkToken, WebhookDelivery
+from app.distribution import links
+from app.infra.models import LinkToken, WebhookDelivery
 from tests.api_helpers import auth, is_problem, make_key
 
 API = "/api/v1"

@@ -13,7 +13,7 @@ import re
 from sqlalchemy import func, select
 
 from app.api import PUBLIC_ENDPOINTS
-from app.models import (
+from app.infra.models import (
     ApiKey,
     Card,
     Customer,

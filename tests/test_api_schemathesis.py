@@ -22,9 +22,9 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy import select
 
-from app import apikeys
-from app.db import WEBHOOK_DISPATCH_KEY
-from app.models import (
+from app.admin import apikeys
+from app.infra.db import WEBHOOK_DISPATCH_KEY
+from app.infra.models import (
     ApiKey,
     Card,
     Customer,

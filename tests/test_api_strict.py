@@ -18,7 +18,7 @@ from werkzeug.routing import Map, RequestRedirect
 
 from app.api import schemas
 from app.api.core import spec
-from app.models import Customer, ImportJob
+from app.infra.models import Customer, ImportJob
 from tests.api_helpers import auth, is_problem, make_key
 
 API = "/api/v1"

@@ -1,7 +1,7 @@
 """APNs client against a real HTTP/2 + TLS stand-in (tests/apns_standin.py); no mocks.
 
 The client authenticates with a development Pass Type ID certificate (root → WWDR
-stand-in → leaf, from app.certs.make_dev_certs); the stand-in trusts that chain,
+stand-in → leaf, from app.wallet.certs.make_dev_certs); the stand-in trusts that chain,
 checks the topic against the certificate's UID and answers from a per-token script.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from app.apns import (
+from app.updates.apns import (
     APNS_PRODUCTION_URL,
     ApnsClient,
     ApnsError,
@@ -26,7 +26,7 @@ from app.apns import (
     CircuitBreaker,
     PushResult,
 )
-from app.certs import SigningIdentity, load_identity, make_dev_certs
+from app.wallet.certs import SigningIdentity, load_identity, make_dev_certs
 from tests.apns_standin import ApnsStandin
 
 TOPIC = "pass.test.apns"
@@ -408,7 +408,7 @@ def _p8(tmp_path: Path) -> tuple[Path, object]:
 
 
 def test_token_authentication_without_client_certificate(chain: DevChain, tmp_path: Path) -> None:
-    from app.apns import ApnsTokenKey
+    from app.updates.apns import ApnsTokenKey
 
     p8, public_key = _p8(tmp_path)
     with ApnsStandin([chain.root_ca, chain.wwdr], client_cert="optional") as standin:
@@ -434,7 +434,7 @@ def test_token_authentication_without_client_certificate(chain: DevChain, tmp_pa
 def test_token_is_reused_then_refreshed(tmp_path: Path) -> None:
     import jwt
 
-    from app.apns import ApnsTokenKey
+    from app.updates.apns import ApnsTokenKey
 
     p8, public_key = _p8(tmp_path)
     now = [1_800_000_000.0]

@@ -14,7 +14,7 @@ import pytest
 from werkzeug.routing import Rule
 from werkzeug.routing.converters import NumberConverter
 
-from app import admin_users
+from app.admin import users as admin_users
 from tests.api_helpers import auth, is_problem, make_key
 
 #: Beyond a 32-bit column, at and beyond a 64-bit one, far beyond, and below any id.
@@ -75,7 +75,7 @@ def test_every_numeric_path_argument_is_bounded(app, signed_in_everywhere) -> No
 
 def test_every_numeric_path_argument_takes_a_row_id(app) -> None:  # type: ignore[no-untyped-def]
     """The rule behind the probes: one id type, bounded by the id columns."""
-    from app.bounds import ROW_ID_MAX
+    from app.infra.bounds import ROW_ID_MAX
     from app.web.converters import RowIdConverter
 
     others = [f"{rule.rule} <{name}>" for rule, name in int_like_rules(app)

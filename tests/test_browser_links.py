@@ -17,9 +17,9 @@ import jwt
 import pytest
 from sqlalchemy import select
 
-from app import links
 from app.crm import outbox as crm_outbox
-from app.models import CrmConnection, CrmOutboxEntry, Customer, FunnelEvent, Program
+from app.distribution import links
+from app.infra.models import CrmConnection, CrmOutboxEntry, Customer, FunnelEvent, Program
 from tests import factories
 from tests.browser import ARTIFACTS, CHROMIUM, live_server
 from tests.crm_standin import CrmStandin
@@ -220,7 +220,7 @@ def test_a_mac_without_touch_keeps_the_desktop_page(server, services, demo, visi
 def test_tampered_and_expired_links_show_friendly_pages(server, services, demo, visit) -> None:  # type: ignore[no-untyped-def]
     import datetime as dt
 
-    from app.models import LinkToken, utcnow
+    from app.infra.models import LinkToken, utcnow
 
     phone = visit("iphone", locale="cs-CZ")
     token = issue(services, demo)
@@ -291,7 +291,7 @@ def test_a_dead_link_looks_like_its_program_and_leads_to_a_fresh_link(  # type: 
         server, services, demo, visit, smtp, device) -> None:
     import datetime as dt
 
-    from app.models import LinkToken, utcnow
+    from app.infra.models import LinkToken, utcnow
 
     token = issue_for(services, demo, "C-1003", "club", campaign="winter")
     with services.db.transaction() as session:
@@ -322,7 +322,7 @@ def test_a_dead_link_looks_like_its_program_and_leads_to_a_fresh_link(  # type: 
 
 def test_a_dead_enrollment_link_leads_to_the_enrollment_form(server, services, demo,  # type: ignore[no-untyped-def]
                                                              visit) -> None:
-    from app.models import LinkToken
+    from app.infra.models import LinkToken
 
     with services.db.transaction(demo["tenant_id"]) as session:
         program = session.get(Program, demo["program_ids"]["rewards"])
@@ -341,7 +341,7 @@ def test_a_dead_enrollment_link_leads_to_the_enrollment_form(server, services, d
 
 def test_an_ipad_is_not_offered_google_when_the_program_has_no_apple(  # type: ignore[no-untyped-def]
         server, settings, services, demo, visit, tmp_path) -> None:
-    from app.models import AppleIdentity
+    from app.infra.models import AppleIdentity
 
     with GoogleStandin() as google:
         settings.google_api_url = google.url

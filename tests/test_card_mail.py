@@ -8,10 +8,10 @@ import re
 import pytest
 from sqlalchemy import func, select, update
 
-from app import card_mail, enrollment, links
-from app.db import MAIL_DISPATCH_KEY
-from app.mailer import SmtpConfig
-from app.models import Customer, LinkToken, MailOutboxEntry, Program, utcnow
+from app.distribution import card_mail, enrollment, links
+from app.distribution.mailer import SmtpConfig
+from app.infra.db import MAIL_DISPATCH_KEY
+from app.infra.models import Customer, LinkToken, MailOutboxEntry, Program, utcnow
 from tests.smtp_standin import SmtpStandin
 
 MEMBER_EMAIL = "jiri.novak@example.com"  # the demo's C-1002

@@ -1,4 +1,4 @@
-"""app.certs against the real `openssl` binary: signatures, chains, p12, checks, dev certs.
+"""app.wallet.certs against the real `openssl` binary: signatures, chains, p12, checks, dev certs.
 
 No database, no Flask, no mocks. RSA key generation is the slow part, so keys are
 made once per module and every test builds the certificates it needs from them.
@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import pkcs7, pkcs12
 from cryptography.x509.oid import NameOID
 
-from app import certs
-from app.certs import CertificateError, CertProblem, SigningIdentity
+from app.wallet import certs
+from app.wallet.certs import CertificateError, CertProblem, SigningIdentity
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl binary not installed")

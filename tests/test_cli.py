@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.cli import main
-from app.models import Card, Consent, Customer, Program, Tenant
+from app.infra.models import Card, Consent, Customer, Program, Tenant
 from tests import factories
 from tests.pkpass_check import verify_pkpass
 
@@ -153,7 +153,7 @@ def test_certs_check_passes_on_dev_certificates_and_fails_on_mismatch(runner, se
 
 def test_healthz_and_commands_refuse_unmigrated_database(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from app import create_app
-    from app.config import Settings
+    from app.infra.config import Settings
 
     app = create_app(Settings.from_env(environ={}, instance_path=tmp_path / "i"))
     result = app.test_cli_runner().invoke(main, ["demo"])
@@ -162,7 +162,7 @@ def test_healthz_and_commands_refuse_unmigrated_database(tmp_path) -> None:  # t
 
 
 def test_setting_up_a_brand_from_the_shell(runner, services, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from app import certs as certs_module
+    from app.wallet import certs as certs_module
 
     paths = certs_module.make_dev_certs(services.settings.certs_path, "pass.com.brand.card",
                                         "BRANDTEAM1")
@@ -203,8 +203,8 @@ def test_setting_up_a_brand_from_the_shell(runner, services, tmp_path) -> None: 
 def test_cards_build_with_a_corrupt_template_image_names_the_file(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import shutil
 
-    from app.passes.images import ImageCache
-    from app.passes.template import TemplateLibrary
+    from app.wallet.images import ImageCache
+    from app.wallet.template import TemplateLibrary
 
     templates = tmp_path / "templates"
     shutil.copytree(services.settings.templates_path / "loyalty", templates / "loyalty")
@@ -222,8 +222,8 @@ def test_flask_cli_has_the_same_commands(app) -> None:  # type: ignore[no-untype
 
 
 def test_import_runs_the_update_pipeline(runner, services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from app import cards as cards_module
-    from app.models import PushJob
+    from app.cards import cards as cards_module
+    from app.infra.models import PushJob
 
     with services.db.transaction(demo["tenant_id"]) as session:
         card = session.scalar(select(Card).join(Customer).where(
@@ -256,7 +256,7 @@ def test_crm_configure_first_use_without_optional_options(runner, services, demo
     nothing."""
     import json
 
-    from app.models import CrmConnection
+    from app.infra.models import CrmConnection
 
     mapping = _write(tmp_path / "mapping.json", json.dumps(MAPPING))
     result = runner.invoke(main, ["crm", "configure", "--tenant", "demo", "--kind", "http",

@@ -11,8 +11,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from app import updates
-from app.cards import ensure_card
+from app.cards.cards import ensure_card
 from app.cli import main
 from app.crm import (
     CrmRecord,
@@ -27,8 +26,8 @@ from app.crm import (
 )
 from app.crm import outbox as crm_outbox
 from app.crm.http import Mapping
-from app.customers import apply_changes, record_consent
-from app.models import (
+from app.customers.customers import apply_changes, record_consent
+from app.infra.models import (
     Card,
     Consent,
     CrmConnection,
@@ -39,6 +38,7 @@ from app.models import (
     utcnow,
 )
 from app.services import Services
+from app.updates import refresh as updates
 from tests import factories
 from tests.crm_standin import CrmStandin
 

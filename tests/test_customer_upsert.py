@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from app import webhooks_in, webhooks_out
 from app.crm.connector import CrmRecord
 from app.crm.sync import store_record
-from app.customers import (
+from app.customers.customers import (
     EMAIL_TAKEN,
     MAX_ATTRIBUTES,
     CustomerChanges,
@@ -27,8 +26,10 @@ from app.customers import (
     update_customer,
     upsert_customer,
 )
-from app.db import WEBHOOK_DISPATCH_KEY
-from app.models import Consent, Customer, InboundHook, Tenant, WebhookDelivery
+from app.infra.db import WEBHOOK_DISPATCH_KEY
+from app.infra.models import Consent, Customer, InboundHook, Tenant, WebhookDelivery
+from app.webhooks import inbound as webhooks_in
+from app.webhooks import outbound as webhooks_out
 
 
 def _upsert(session, tenant_id: int, external_id: str, **changes):  # type: ignore[no-untyped-def]

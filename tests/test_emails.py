@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from app import admin_users, dashboard, imports, webhooks_in
+from app.admin import dashboard
+from app.admin import users as admin_users
 from app.crm.builtin import BuiltinConnector
 from app.crm.http import Mapping
-from app.customers import CustomerDataError, import_csv, normalize_email
-from app.demo import DEMO_CUSTOMERS
-from app.models import Customer, InboundEvent, Tenant
+from app.customers import imports
+from app.customers.customers import CustomerDataError, import_csv, normalize_email
+from app.infra.models import Customer, InboundEvent, Tenant
+from app.tenants.demo import DEMO_CUSTOMERS
+from app.webhooks import inbound as webhooks_in
 from tests.api_helpers import auth, is_problem, make_key
 
 #: Each refused by the validator; the old regex let every one of them through.
@@ -292,8 +295,8 @@ def test_cli_import_refuses_bad_addresses(runner, services, demo, tmp_path: Path
 # -- the card mail to an internationalized address ----------------------------------------
 
 def test_a_member_at_an_idn_domain_is_known_in_either_spelling_and_mailed(services, demo) -> None:  # type: ignore[no-untyped-def]
-    from app import enrollment
-    from app.models import Program
+    from app.distribution import enrollment
+    from app.infra.models import Program
     from tests.smtp_standin import SmtpStandin
 
     with services.db.transaction(demo["tenant_id"]) as session:

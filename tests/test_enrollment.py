@@ -8,9 +8,9 @@ import datetime as dt
 import pytest
 from sqlalchemy import func, select
 
-from app import enrollment
-from app.enrollment import FormInvalid
-from app.models import (
+from app.distribution import enrollment
+from app.distribution.enrollment import FormInvalid
+from app.infra.models import (
     Card,
     Consent,
     CrmConnection,
@@ -318,8 +318,8 @@ def test_enrich_refuses_a_missing_required_field(services, demo) -> None:  # typ
 
 
 def test_only_a_real_enrollment_is_announced_to_webhook_subscribers(services, demo) -> None:  # type: ignore[no-untyped-def]
-    from app import webhooks_out
-    from app.models import WebhookDelivery
+    from app.infra.models import WebhookDelivery
+    from app.webhooks import outbound as webhooks_out
 
     with services.db.transaction(demo["tenant_id"]) as session:
         webhooks_out.create_subscription(session, demo["tenant_id"], "https://hooks.example.test",

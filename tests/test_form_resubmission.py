@@ -18,8 +18,8 @@ import pytest
 import requests
 from sqlalchemy import event, func, select, text
 
-from app import enrollment, links
-from app.models import (
+from app.distribution import enrollment, links
+from app.infra.models import (
     Consent,
     Customer,
     FormSubmission,

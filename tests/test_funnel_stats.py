@@ -9,8 +9,10 @@ import json
 import pytest
 from sqlalchemy import select, update
 
-from app import funnel_stats, install_state, links
-from app.models import Card, Customer, FunnelEvent, LinkToken, Program
+from app.distribution import links
+from app.infra.models import Card, Customer, FunnelEvent, LinkToken, Program
+from app.segments import funnel_stats
+from app.tracking import install_state
 
 
 def day(text: str) -> dt.datetime:
@@ -64,7 +66,7 @@ def world(services, demo):  # type: ignore[no-untyped-def]
         event(None, "apple_downloaded", newcomer, "apple")
 
         def card(customer: Customer) -> Card:
-            from app.cards import ensure_card
+            from app.cards.cards import ensure_card
 
             return ensure_card(session, program, customer)
 

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from app.google.callbacks import (
+from app.tracking.google_callbacks import (
     GOOGLE_KEYS_URL,
     RETRY_AFTER_FAILURE_SECONDS,
     CallbackError,

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.google import client as client_module
-from app.google.client import GoogleApiError, GoogleCredentialsError, GoogleWalletClient
+from app.updates import google_client as client_module
+from app.updates.google_client import GoogleApiError, GoogleCredentialsError, GoogleWalletClient
 from tests.google_standin import (
     DEFAULT_ISSUER_ID,
     GoogleStandin,

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
-from app import pushes, updates
-from app.models import Card, Customer, GoogleObject, Program, PushJob
+from app.infra.models import Card, Customer, GoogleObject, Program, PushJob
+from app.updates import pushes
+from app.updates import refresh as updates
 from tests import factories
 from tests.google_standin import GoogleStandin
 

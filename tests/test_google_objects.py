@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.config import REPO_ROOT
-from app.google import objects
-from app.passes.builder import CardInput
-from app.passes.images import ImageCache
-from app.passes.template import PassTemplate, TemplateError, TemplateLibrary
+from app.infra.config import REPO_ROOT
+from app.wallet import google_objects as objects
+from app.wallet.builder import CardInput
+from app.wallet.images import ImageCache
+from app.wallet.template import PassTemplate, TemplateError, TemplateLibrary
 from tests.google_standin import validate
 from tests.test_templates import make_template
 

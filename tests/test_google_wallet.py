@@ -14,9 +14,7 @@ import jwt
 import pytest
 from sqlalchemy import delete, func, select
 
-from app import install_state, pushes, updates
-from app.google import wallet as google_wallet
-from app.models import (
+from app.infra.models import (
     Card,
     CardInstallState,
     Customer,
@@ -29,6 +27,9 @@ from app.models import (
     PushJob,
     Tenant,
 )
+from app.tracking import install_state
+from app.updates import google_wallet, pushes
+from app.updates import refresh as updates
 from tests import factories
 from tests.google_signing import GoogleSigner, tampered
 from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin

@@ -14,9 +14,9 @@ from babel.messages.frontend import CommandLineInterface
 from babel.messages.plurals import get_plural
 from babel.messages.pofile import read_po
 
-from app import i18n
+from app.distribution import i18n
 
-TEMPLATES = Path(i18n.__file__).resolve().parent / "templates"
+TEMPLATES = Path(i18n.__file__).resolve().parents[1] / "templates"
 #: People's pages: every visible word must come from the catalogue.
 LOCALIZED_PAGES = ("landing.html", "enroll.html", "details.html", "link_error.html",
                    "_form_fields.html", "_brand.html", "_send_form.html")
@@ -84,7 +84,7 @@ def test_every_key_built_at_run_time_exists() -> None:
     """Keys templates compose (``"page." ~ key``, ``"field." ~ name``, error keys)."""
     import typing
 
-    from app import enrollment, platforms
+    from app.distribution import enrollment, platforms
     from app.web import links as pages
 
     keys = {f"page.{key}.{part}" for key in pages.PAGE_KEYS for part in ("title", "text")}

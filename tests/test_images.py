@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageCms, ImageDraw
 
-from app.passes import images
-from app.passes.images import (
+from app.wallet import images
+from app.wallet.images import (
     ROLES,
     SCALES,
     ImageCache,

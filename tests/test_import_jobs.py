@@ -8,8 +8,8 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from app import imports
-from app.models import Customer, ImportJob, utcnow
+from app.customers import imports
+from app.infra.models import Customer, ImportJob, utcnow
 from tests.api_helpers import auth, make_key
 
 API = "/api/v1"

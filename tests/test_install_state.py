@@ -10,10 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, func, select, update
 
-from app import install_state
-from app.google.callbacks import CallbackMessage
-from app.google.wallet import apply_callback
-from app.models import (
+from app.infra.models import (
     Card,
     CardInstallState,
     Customer,
@@ -22,6 +19,9 @@ from app.models import (
     Program,
     Registration,
 )
+from app.tracking import install_state
+from app.tracking.google_callbacks import CallbackMessage
+from app.updates.google_wallet import apply_callback
 
 PASS_TYPE = "pass.dev.passerelle.demo"
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -143,8 +143,8 @@ def test_bad_events_are_refused(services, card_id, platform, kind, device) -> No
 
 
 def test_webhooks_reach_the_outbox(services, demo, card_id) -> None:  # type: ignore[no-untyped-def]
-    webhooks_out = pytest.importorskip("app.webhooks_out")
-    from app.models import WebhookDelivery
+    webhooks_out = pytest.importorskip("app.webhooks.outbound")
+    from app.infra.models import WebhookDelivery
 
     with services.db.transaction() as session:
         webhooks_out.create_subscription(session, demo["tenant_id"], "https://hooks.example.test/",
@@ -245,7 +245,7 @@ def test_google_callbacks_drive_the_state(services, card_id) -> None:  # type: i
 
 
 def test_an_existing_google_object_with_users_counts_as_installed(services, card_id) -> None:  # type: ignore[no-untyped-def]
-    from app.google import wallet
+    from app.updates import google_wallet as wallet
 
     class Client:
         def get(self, resource: str, object_id: str) -> dict[str, Any]:

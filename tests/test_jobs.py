@@ -10,10 +10,10 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from app import pushes
-from app.config import Settings
-from app.models import Card, PushJob, utcnow
+from app.infra.config import Settings
+from app.infra.models import Card, PushJob, utcnow
 from app.services import Services
+from app.updates import pushes
 from tests import factories
 
 REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -14,8 +14,8 @@ import jwt
 import pytest
 from sqlalchemy import func, select
 
-from app import links
-from app.models import (
+from app.distribution import links
+from app.infra.models import (
     AppleIdentity,
     Customer,
     FunnelEvent,
@@ -99,7 +99,7 @@ def events(services, kind: str | None = None) -> list[FunnelEvent]:  # type: ign
 
 
 def install_states(services) -> set[tuple[str, str]]:  # type: ignore[no-untyped-def]
-    from app.models import CardInstallState
+    from app.infra.models import CardInstallState
 
     with services.db.session() as session:
         return set(session.execute(select(CardInstallState.platform, CardInstallState.state)))
@@ -867,7 +867,7 @@ def test_people_forms_need_csrf_and_machine_endpoints_do_not(app) -> None:  # ty
 def _connect_crm(services, demo, url: str, *, max_staleness_seconds: int,  # type: ignore[no-untyped-def]
                  timeout_seconds: int = 1, **mapping: str) -> None:
     """The demo tenant reads its customers from the CRM stand-in at ``url``."""
-    from app.models import CrmConnection
+    from app.infra.models import CrmConnection
 
     with services.db.transaction(demo["tenant_id"]) as session:
         session.add(CrmConnection(

@@ -13,9 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlalchemy import func, insert, select, text
 
-from app import links
-from app.links import LinkExpired, LinkInvalid, LinkRevoked, LinkUsedUp
-from app.models import Customer, LinkToken, Program, Tenant, utcnow
+from app.distribution import links
+from app.distribution.links import LinkExpired, LinkInvalid, LinkRevoked, LinkUsedUp
+from app.infra.models import Customer, LinkToken, Program, Tenant, utcnow
 
 PUBLIC = "https://wallet.example.test"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -275,7 +275,7 @@ def test_issue_tokens_inserts_in_batches_lazily(services, demo) -> None:  # type
 # -- signed links --------------------------------------------------------------------------
 
 def _rfc2104_hmac_sha256(key: bytes, message: bytes) -> str:
-    """HMAC written out from RFC 2104 with hashlib only, to check app.links.sign."""
+    """HMAC written out from RFC 2104 with hashlib only, to check app.distribution.links.sign."""
     block = 64  # SHA-256's block size in bytes
     if len(key) > block:
         key = hashlib.sha256(key).digest()

@@ -9,10 +9,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from sqlalchemy import func, insert, select
 
-from app import links
 from app.cli import main
-from app.links import LinkInvalid, LinkRevoked
-from app.models import Customer, LinkToken, Tenant, utcnow
+from app.distribution import links
+from app.distribution.links import LinkInvalid, LinkRevoked
+from app.infra.models import Customer, LinkToken, Tenant, utcnow
 
 PUBLIC = "https://wallet.example.test"  # the `settings` fixture's public URL
 

@@ -10,8 +10,8 @@ import logging
 import pytest
 from sqlalchemy import select
 
-from app import logs
-from app.models import Card, Customer, Program
+from app.infra import logs
+from app.infra.models import Card, Customer, Program
 from tests.api_helpers import auth, make_key
 
 API = "/api/v1"

@@ -18,8 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
-from app import pushes, updates
-from app.models import (
+from app.infra.models import (
     AppleIdentity,
     Card,
     Customer,
@@ -30,6 +29,8 @@ from app.models import (
     Tenant,
     utcnow,
 )
+from app.updates import pushes
+from app.updates import refresh as updates
 from tests.apns_standin import ApnsStandin
 from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
 from tests.waiting import wait_until

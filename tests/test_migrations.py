@@ -15,7 +15,7 @@ from alembic import command
 from sqlalchemy import JSON, Boolean, DateTime, Integer, MetaData, create_engine, select, text
 from sqlalchemy.engine import Engine, make_url
 
-from app import migrate
+from app.infra import migrate
 from tests.conftest import configured_database_url
 
 

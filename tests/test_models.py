@@ -8,8 +8,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app import migrate
-from app.models import Base, Card, Customer, Program, Tenant
+from app.infra import migrate
+from app.infra.models import Base, Card, Customer, Program, Tenant
 
 
 def test_migrations_match_models(services) -> None:  # type: ignore[no-untyped-def]

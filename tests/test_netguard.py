@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from app import netguard, webhooks_out
-from app.db import WEBHOOK_DISPATCH_KEY
-from app.models import Customer, WebhookAttempt, WebhookDelivery
+from app.infra import netguard
+from app.infra.db import WEBHOOK_DISPATCH_KEY
+from app.infra.models import Customer, WebhookAttempt, WebhookDelivery
+from app.webhooks import outbound as webhooks_out
 from tests.api_helpers import auth, is_problem, make_key
 from tests.webhook_receiver import WebhookReceiver
 

@@ -8,8 +8,8 @@ import datetime as dt
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, text
 
-from app import migrate
-from app.models import Card, PushJob, utcnow
+from app.infra import migrate
+from app.infra.models import Card, PushJob, utcnow
 from app.services import Services
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from app import outbox
-from app.db import DISPATCH_KEYS, PUSH_DISPATCH_KEY, WEBHOOK_DISPATCH_KEY
-from app.models import Tenant
+from app.infra import outbox
+from app.infra.db import DISPATCH_KEYS, PUSH_DISPATCH_KEY, WEBHOOK_DISPATCH_KEY
+from app.infra.models import Tenant
 
 
 @pytest.fixture()

@@ -11,8 +11,8 @@ import zipfile
 import pytest
 from sqlalchemy import func, select
 
-from app import updates
-from app.models import Card, Customer, DeviceLog, InstallEvent, Program, PushJob, Registration
+from app.infra.models import Card, Customer, DeviceLog, InstallEvent, Program, PushJob, Registration
+from app.updates import refresh as updates
 
 PASS_TYPE = "pass.dev.passerelle.demo"
 DEVICE = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
@@ -254,7 +254,7 @@ def _change_points(services, points: int) -> None:  # type: ignore[no-untyped-de
 
 def _no_render_or_signature(monkeypatch, services) -> list[str]:  # type: ignore[no-untyped-def]
     """Make rendering and signing record that they ran (and still work)."""
-    from app import cards
+    from app.cards import cards
 
     calls: list[str] = []
     real_render = cards.render
@@ -277,7 +277,7 @@ def _no_render_or_signature(monkeypatch, services) -> list[str]:  # type: ignore
 
 def test_a_changed_card_is_served_from_its_signed_version(client, services, card, monkeypatch,  # type: ignore[no-untyped-def]
                                                          tmp_path) -> None:
-    from app.models import SignedVersion
+    from app.infra.models import SignedVersion
     from tests.pkpass_check import verify_pkpass
 
     url = f"/passkit/v1/passes/{PASS_TYPE}/{card['serial']}"
@@ -314,7 +314,7 @@ def test_a_changed_card_is_served_from_its_signed_version(client, services, card
 
 def test_a_card_without_a_signed_version_is_signed_on_first_fetch_only(client, services, card,  # type: ignore[no-untyped-def]
                                                                       monkeypatch) -> None:
-    from app.models import SignedVersion
+    from app.infra.models import SignedVersion
 
     url = f"/passkit/v1/passes/{PASS_TYPE}/{card['serial']}"
     first = client.get(url, headers=auth(card))  # rendered, signed and kept

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app import cards
-from app.models import Card
-from app.passes.template import MissingAttributeError
+from app.cards import cards
+from app.infra.models import Card
+from app.wallet.template import MissingAttributeError
 from tests import factories
 from tests.pkpass_check import verify_pkpass
 

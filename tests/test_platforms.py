@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.platforms import Offer, detect, device, may_be_ipad, offer
+from app.distribution.platforms import Offer, detect, device, may_be_ipad, offer
 
 IPHONE_SAFARI = ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 "
                  "(KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1")

@@ -11,9 +11,9 @@ from collections import Counter
 import pytest
 from sqlalchemy import select, text, update
 
-from app import outbox, pushes
 from app.cli import main
-from app.models import (
+from app.infra import outbox
+from app.infra.models import (
     AppleIdentity,
     Card,
     InstallEvent,
@@ -22,6 +22,7 @@ from app.models import (
     Registration,
     utcnow,
 )
+from app.updates import pushes
 from tests.apns_standin import ApnsStandin
 
 PASS_TYPE = "pass.dev.passerelle.demo"
@@ -158,7 +159,7 @@ def test_refused_certificate_trips_the_breaker_then_pushes_resume(services, demo
     health = client.get("/healthz/pushes")
     assert health.status_code == 503 and "1 certificate" in health.get_json()["detail"]
     assert client.get("/healthz").status_code == 200  # the web itself is fine
-    from app import dashboard
+    from app.admin import dashboard
 
     with services.db.session() as session:
         [status] = dashboard.certificate_statuses(session, services, demo["tenant_id"])
@@ -187,7 +188,7 @@ def _identity(services):  # type: ignore[no-untyped-def]
 
 
 def test_timeline_shows_outcomes_and_a_certificate_problem(services, demo, apns) -> None:  # type: ignore[no-untyped-def]
-    from app import diagnostics
+    from app.tracking import diagnostics
 
     card_ids, _ = _devices(services, demo, [[1]])
     _jobs(services, demo, card_ids)

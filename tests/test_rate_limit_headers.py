@@ -7,8 +7,9 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from app import admin_users, links
-from app.models import Program, Tenant, utcnow
+from app.admin import users as admin_users
+from app.distribution import links
+from app.infra.models import Program, Tenant, utcnow
 from app.web import hooks
 from tests.api_helpers import auth, make_key
 from tests.test_admin import PASSWORD, login

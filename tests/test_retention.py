@@ -7,8 +7,7 @@ import datetime as dt
 import pytest
 from sqlalchemy import func, select
 
-from app import install_state, retention
-from app.models import (
+from app.infra.models import (
     Card,
     CardInstallState,
     CrmOutboxEntry,
@@ -27,7 +26,9 @@ from app.models import (
     WebhookSubscription,
     utcnow,
 )
-from app.segments import Segment
+from app.ops import retention
+from app.segments.segments import Segment
+from app.tracking import install_state
 from tests.test_segments import ids, world  # noqa: F401  (the segments' known population)
 
 STATES = [None, "installed-apple", "installed-google", "installed-any", "removed",

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from app import install_state, links, segments
-from app.customers import record_consent
-from app.models import Card, Consent, CurrentConsent, Customer, LinkToken, Program
-from app.segments import Segment
+from app.customers.customers import record_consent
+from app.distribution import links
+from app.infra.models import Card, Consent, CurrentConsent, Customer, LinkToken, Program
+from app.segments import segments
+from app.segments.segments import Segment
+from app.tracking import install_state
 
 UTC = dt.UTC
 

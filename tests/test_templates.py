@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.config import REPO_ROOT
-from app.passes import strings
-from app.passes.images import ImageCache
-from app.passes.template import (
+from app.infra.config import REPO_ROOT
+from app.wallet import strings
+from app.wallet.images import ImageCache
+from app.wallet.template import (
     AttributeValueError,
     MissingAttributeError,
     TemplateError,

@@ -11,8 +11,8 @@ import zipfile
 
 from sqlalchemy import select
 
-from app import updates
-from app.models import Card, Customer, InstallEvent, Program, PushAttempt, Registration
+from app.infra.models import Card, Customer, InstallEvent, Program, PushAttempt, Registration
+from app.updates import refresh as updates
 from tests.apns_standin import ApnsStandin
 from tests.waiting import wait_until as _wait
 
@@ -103,8 +103,8 @@ def test_push_with_a_p8_token_key_instead_of_the_certificate(services, demo, tmp
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from app import pushes
-    from app.models import AppleIdentity, PushJob
+    from app.infra.models import AppleIdentity, PushJob
+    from app.updates import pushes
 
     key = ec.generate_private_key(ec.SECP256R1())
     certs_path = services.settings.certs_path

@@ -12,8 +12,9 @@ import threading
 
 from sqlalchemy import select
 
-from app import passkit, updates
-from app.models import Card, Customer, Program, Registration
+from app.infra.models import Card, Customer, Program, Registration
+from app.updates import apple_service as passkit
+from app.updates import refresh as updates
 
 DEVICE = "concurrent-device"
 PASS_TYPE = "pass.dev.passerelle.demo"
@@ -168,9 +169,9 @@ def _state(services, ids: list[int]) -> dict[int, tuple[int, int, str]]:  # type
 def test_bulk_import_renders_in_the_pool_and_writes_set_based(services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import event
 
-    from app.bulk import RenderPool
-    from app.customers import import_csv
-    from app.models import PushJob, SignedVersion
+    from app.customers.customers import import_csv
+    from app.infra.models import PushJob, SignedVersion
+    from app.updates.bulk import RenderPool
 
     ids = _bulk_cards(services, demo, registered=40)
     before = _state(services, ids)
@@ -217,9 +218,9 @@ def test_bulk_import_renders_in_the_pool_and_writes_set_based(services, demo, tm
 
 def test_bulk_refresh_reports_cards_that_do_not_render(services, demo, tmp_path,  # type: ignore[no-untyped-def]
                                                        monkeypatch) -> None:
-    from app import cards
-    from app.bulk import RenderPool
-    from app.customers import import_csv
+    from app.cards import cards
+    from app.customers.customers import import_csv
+    from app.updates.bulk import RenderPool
 
     ids = _bulk_cards(services, demo, registered=0)
     before = _state(services, ids)

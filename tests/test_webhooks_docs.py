@@ -12,10 +12,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app import enrollment, install_state, webhooks_out
-from app.customers import record_consent
-from app.db import WEBHOOK_DISPATCH_KEY
-from app.models import Card, Customer, Program, WebhookDelivery
+from app.customers.customers import record_consent
+from app.distribution import enrollment
+from app.infra.db import WEBHOOK_DISPATCH_KEY
+from app.infra.models import Card, Customer, Program, WebhookDelivery
+from app.tracking import install_state
+from app.webhooks import outbound as webhooks_out
 from tests.test_enrollment import _form, _texts
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"

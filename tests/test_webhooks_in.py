@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from app import webhooks_in, webhooks_out
 from app.cli import main
-from app.db import PUSH_DISPATCH_KEY, WEBHOOK_DISPATCH_KEY
-from app.models import (
+from app.infra.db import PUSH_DISPATCH_KEY, WEBHOOK_DISPATCH_KEY
+from app.infra.models import (
     Card,
     Customer,
     InboundEvent,
@@ -24,6 +23,8 @@ from app.models import (
     PushJob,
     Tenant,
 )
+from app.webhooks import inbound as webhooks_in
+from app.webhooks import outbound as webhooks_out
 from tests import factories
 
 URL = "/hooks/demo/loyalty"

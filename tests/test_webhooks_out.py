@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, func, select
 
-from app import webhooks_out
 from app.cli import main
-from app.customers import apply_changes, record_consent
-from app.db import WEBHOOK_DISPATCH_KEY
-from app.models import (
+from app.customers.customers import apply_changes, record_consent
+from app.infra.db import WEBHOOK_DISPATCH_KEY
+from app.infra.models import (
     Card,
     CardInstallState,
     Customer,
@@ -26,6 +25,7 @@ from app.models import (
     WebhookSubscription,
     utcnow,
 )
+from app.webhooks import outbound as webhooks_out
 from tests import factories
 from tests.webhook_receiver import WebhookReceiver, signature_ok
 
@@ -143,7 +143,7 @@ def test_customer_events_come_from_listeners_installed_with_services(  # type: i
         services, demo, database_url) -> None:
     """No import-time listener: a Database that Services did not put together (the
     composition root) writes no customer.updated; the one Services built does."""
-    from app.db import Database
+    from app.infra.db import Database
 
     _no_dispatch(services)
     tenant = demo["tenant_id"]
@@ -210,7 +210,7 @@ def test_rolled_back_change_makes_no_event(services, demo) -> None:  # type: ign
 
 
 def test_consent_changed_on_real_change_including_imports(services, demo, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from app.customers import import_csv
+    from app.customers.customers import import_csv
 
     _no_dispatch(services)
     tenant = demo["tenant_id"]

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.config import REPO_ROOT
+from app.infra.config import REPO_ROOT
 from tests.pkpass_check import verify_pkpass
 from tests.waiting import wait_until
 
@@ -88,7 +88,7 @@ def test_wheel_installed_elsewhere_serves_the_demo(tmp_path: Path) -> None:
 
     # The code that runs is the wheel's, with its own copy of the root-level folders.
     where = _run(venv / "bin" / "python", "-c",
-                 "import app, app.config as c; print(app.__file__); "
+                 "import app, app.infra.config as c; print(app.__file__); "
                  "print(c.shipped('migrations')); print(c.shipped('pass_templates'))",
                  cwd=workdir, env=env).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where), where

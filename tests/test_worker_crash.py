@@ -14,7 +14,7 @@ from collections import Counter
 
 from sqlalchemy import select, update
 
-from app.models import Card, Program, PushJob, Registration, utcnow
+from app.infra.models import Card, Program, PushJob, Registration, utcnow
 from tests.apns_standin import ApnsStandin
 from tests.waiting import wait_until as _wait
 
@@ -96,7 +96,7 @@ def test_killed_worker_loses_no_push(services, demo, keep_signal_handlers) -> No
 
 
 def pushes_due(services) -> list[int]:  # type: ignore[no-untyped-def]
-    from app import pushes
+    from app.updates import pushes
 
     return pushes.due_jobs(services)
 

@@ -14,7 +14,7 @@ from collections import Counter
 
 from sqlalchemy import select
 
-from app.models import Card, PushJob, Registration, utcnow
+from app.infra.models import Card, PushJob, Registration, utcnow
 from tests.apns_standin import ApnsStandin
 from tests.waiting import wait_until as _wait
 

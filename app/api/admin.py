@@ -7,7 +7,7 @@ from typing import Any
 from flask import Response
 from sqlalchemy import select
 
-from app import apikeys
+from app.admin import apikeys
 from app.api.core import (
     ApiProblem,
     bp,
@@ -35,7 +35,7 @@ from app.api.schemas import (
     TenantOut,
     TenantPatch,
 )
-from app.models import ApiKey, AuditEntry, Tenant
+from app.infra.models import ApiKey, AuditEntry, Tenant
 
 TAG = "admin"
 

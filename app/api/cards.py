@@ -6,7 +6,6 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app import cards, operations, updates
 from app.api.core import (
     ApiProblem,
     bp,
@@ -31,8 +30,11 @@ from app.api.schemas import (
     DeviceLogPage,
     DeviceLogQuery,
 )
-from app.imports import find_customer
-from app.models import Card, DeviceLog, Program
+from app.cards import cards
+from app.customers.imports import find_customer
+from app.infra.models import Card, DeviceLog, Program
+from app.updates import operations
+from app.updates import refresh as updates
 
 TAG = "cards"
 

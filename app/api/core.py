@@ -23,8 +23,9 @@ from spectree.plugins.flask_plugin import FlaskPlugin
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
-from app import apikeys, audit, bounds
+from app.admin import apikeys, audit
 from app.api.schemas import Problem
+from app.infra import bounds
 from app.services import Services, services_of
 
 API_PREFIX = "/api/v1"

@@ -8,7 +8,6 @@ from flask import request
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from app import customers, imports, updates
 from app.api.core import (
     ApiProblem,
     bp,
@@ -39,8 +38,10 @@ from app.api.schemas import (
     PageQuery,
     RowError,
 )
-from app.customers import STANDARD_FIELDS, CustomerDataError, ImportFileError
-from app.models import Card, Customer, ImportJob
+from app.customers import customers, imports
+from app.customers.customers import STANDARD_FIELDS, CustomerDataError, ImportFileError
+from app.infra.models import Card, Customer, ImportJob
+from app.updates import refresh as updates
 
 TAG = "customers"
 IMPORT_TYPES = {"text/csv": "csv", "application/csv": "csv", "application/x-ndjson": "ndjson",

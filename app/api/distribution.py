@@ -9,7 +9,6 @@ from typing import Any
 from flask import stream_with_context
 from sqlalchemy import select
 
-from app import funnel_stats, links, segments
 from app.api.core import (
     ApiProblem,
     bp,
@@ -43,9 +42,11 @@ from app.api.schemas import (
     SegmentPage,
     SegmentPageQuery,
 )
-from app.imports import find_customer
-from app.models import Customer, Program
-from app.segments import Segment
+from app.customers.imports import find_customer
+from app.distribution import links
+from app.infra.models import Customer, Program
+from app.segments import funnel_stats, segments
+from app.segments.segments import Segment
 
 TAG = "distribution"
 _FILTERS = tuple(SegmentFilter.model_fields)

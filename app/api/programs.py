@@ -7,7 +7,6 @@ from typing import Any
 from flask import Response
 from sqlalchemy import select
 
-from app import cards, operations, preview, tenants
 from app.api.core import (
     ApiProblem,
     bp,
@@ -36,10 +35,14 @@ from app.api.schemas import (
     TemplateList,
     TemplateOut,
 )
-from app.imports import find_customer
-from app.models import AppleIdentity, Customer, Program, Tenant
-from app.passes.builder import CardInput
-from app.passes.template import TemplateError
+from app.cards import cards
+from app.customers.imports import find_customer
+from app.infra.models import AppleIdentity, Customer, Program, Tenant
+from app.tenants import tenants
+from app.updates import operations
+from app.wallet import preview
+from app.wallet.builder import CardInput
+from app.wallet.template import TemplateError
 
 TAG = "programs"
 

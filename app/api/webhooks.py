@@ -11,7 +11,6 @@ from typing import Any
 from flask import Response
 from sqlalchemy import select
 
-from app import webhooks_out
 from app.api.core import (
     ApiProblem,
     bp,
@@ -38,7 +37,8 @@ from app.api.schemas import (
     WebhookPage,
     WebhookPatch,
 )
-from app.models import WebhookDelivery, WebhookSubscription
+from app.infra.models import WebhookDelivery, WebhookSubscription
+from app.webhooks import outbound as webhooks_out
 
 TAG = "webhooks"
 

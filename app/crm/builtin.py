@@ -14,8 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.crm.connector import STANDARD_FIELDS, CrmRecord
-from app.customers import CustomerDataError, normalize_email
-from app.models import Customer
+from app.customers.customers import CustomerDataError, normalize_email
+from app.infra.models import Customer
 
 
 def record_of(customer: Customer) -> CrmRecord:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import db
-from app.models import CrmConnection
+from app.infra import db
+from app.infra.models import CrmConnection
 
 if TYPE_CHECKING:
     from app.crm.http import HttpConnector

@@ -34,8 +34,13 @@ from app.crm.connector import (
     CrmRejected,
     CrmUnavailable,
 )
-from app.customers import CustomerDataError, clean_standard, normalize_email, parse_consent
-from app.http import new_session, retry_after
+from app.customers.customers import (
+    CustomerDataError,
+    clean_standard,
+    normalize_email,
+    parse_consent,
+)
+from app.infra.http import new_session, retry_after
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import ColumnElement, exists, func, literal_column, select, update
 from sqlalchemy.orm import Session, aliased
 
-from app import outbox as lease
-from app import updates
 from app.crm.builtin import BuiltinConnector
 from app.crm.connector import (
     STANDARD_FIELDS,
@@ -48,8 +46,10 @@ from app.crm.connector import (
     CrmUnavailable,
     connector_for,
 )
-from app.db import CRM_DISPATCH_KEY
-from app.models import CrmConnection, CrmOutboxEntry, Customer, utcnow
+from app.infra import outbox as lease
+from app.infra.db import CRM_DISPATCH_KEY
+from app.infra.models import CrmConnection, CrmOutboxEntry, Customer, utcnow
+from app.updates import refresh as updates
 
 if TYPE_CHECKING:
     from app.services import Services

@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import updates
 from app.crm import outbox
 from app.crm.connector import STANDARD_FIELDS, CrmRecord, CrmStale, CrmUnavailable, connector_for
-from app.customers import (
+from app.customers.customers import (
     CustomerChanges,
     CustomerConflict,
     CustomerDataError,
@@ -38,7 +37,8 @@ from app.customers import (
     update_customer,
     upsert_customer,
 )
-from app.models import CrmConnection, Customer, utcnow
+from app.infra.models import CrmConnection, Customer, utcnow
+from app.updates import refresh as updates
 
 if TYPE_CHECKING:
     from app.services import Services

@@ -56,15 +56,19 @@ from flask import (
 from limits import parse as parse_limit
 from sqlalchemy.orm import Session
 
-from app import admin_users, bounds, dashboard, segments, webhooks_out
-from app.admin_users import AdminUserError
-from app.audit import record as audit_record
-from app.customers import CustomerDataError
-from app.links import PERSONAL_PURPOSES
-from app.models import AdminUser, Tenant, utcnow
-from app.passes.template import TemplateError
+from app.admin import dashboard
+from app.admin import users as admin_users
+from app.admin.audit import record as audit_record
+from app.admin.users import AdminUserError
+from app.customers.customers import CustomerDataError
+from app.distribution.links import PERSONAL_PURPOSES
+from app.infra import bounds
+from app.infra.models import AdminUser, Tenant, utcnow
+from app.segments import segments
+from app.wallet.template import TemplateError
 from app.web import private_page_headers, services
 from app.web.limits import limiter
+from app.webhooks import outbound as webhooks_out
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 log = logging.getLogger(__name__)

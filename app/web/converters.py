@@ -1,7 +1,7 @@
 """URL converters shared by every blueprint.
 
 ``<id:name>`` is the one way a route takes a row id: ASCII digits within the
-bounds of the id columns (``app.bounds``). Anything else does not match the
+bounds of the id columns (``app.infra.bounds``). Anything else does not match the
 route, so the answer is the usual 404 (problem JSON under /api), decided before
 any query. ``tests/test_bounds.py`` walks the URL map to keep every numeric path
 argument on it.
@@ -15,7 +15,7 @@ from flask import Flask
 from werkzeug.routing import Map
 from werkzeug.routing.converters import IntegerConverter, ValidationError
 
-from app import bounds
+from app.infra import bounds
 
 
 def up_to(high: int) -> str:

@@ -11,9 +11,10 @@ import logging
 from flask import Blueprint, Response, abort, redirect, render_template
 from sqlalchemy import select
 
-from app import cards, install_state
-from app.demo import DEMO_TENANT
-from app.models import Card, Customer, Program, Tenant
+from app.cards import cards
+from app.infra.models import Card, Customer, Program, Tenant
+from app.tenants.demo import DEMO_TENANT
+from app.tracking import install_state
 from app.web import services
 
 bp = Blueprint("demo", __name__, url_prefix="/demo")
@@ -53,12 +54,12 @@ def index():  # type: ignore[no-untyped-def]
 @bp.get("/cards/<serial>/google")
 def google_save(serial: str):  # type: ignore[no-untyped-def]
     """Upsert the Google Wallet object, then send the browser to Google's save page."""
-    from app.google.client import GoogleApiError
-    from app.google.wallet import GoogleNotConfigured, GoogleUnavailable, save_url
+    from app.updates.google_client import GoogleApiError
+    from app.updates.google_wallet import GoogleNotConfigured, GoogleUnavailable, save_url
 
     tenant_id = _demo_tenant_id()
     svc = services()
-    # No transaction waits on Google's API: committed before each call (app.db.before_outbound).
+    # No transaction waits on Google's API: committed before each call (app.infra.db.before_outbound).
     with svc.db.tenant_session(tenant_id, commit_before_calls=True) as session:
         card = session.scalar(select(Card).where(Card.serial_number == serial))
         if card is None:

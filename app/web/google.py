@@ -6,9 +6,9 @@ import logging
 
 from flask import Blueprint, Response, abort, request, send_file
 
-from app.models import utcnow
-from app.passes.images import ROLES
-from app.passes.template import TemplateError
+from app.infra.models import utcnow
+from app.wallet.images import ROLES
+from app.wallet.template import TemplateError
 from app.web import services
 from app.web.errors import problem
 
@@ -48,8 +48,8 @@ def image(template: str, role: str):  # type: ignore[no-untyped-def]
 
 @bp.post("/google/callback/<issuer_id>")
 def callback(issuer_id: str):  # type: ignore[no-untyped-def]
-    from app.google.callbacks import CallbackError, verify_callback
-    from app.google.wallet import apply_callback, issuer_configured
+    from app.tracking.google_callbacks import CallbackError, verify_callback
+    from app.updates.google_wallet import apply_callback, issuer_configured
 
     received_at = utcnow()  # the events' time (Google's expTimeMillis is ~1 h ahead)
     if not issuer_id.isdigit() or len(issuer_id) > 20:

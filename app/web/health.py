@@ -11,7 +11,7 @@ from PIL import Image
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.models import AppleIdentity
+from app.infra.models import AppleIdentity
 from app.web import services
 from app.web.errors import problem
 

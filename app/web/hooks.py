@@ -21,11 +21,11 @@ import logging
 from flask import Blueprint, Response, g, jsonify, request
 from sqlalchemy import select
 
-from app import webhooks_in
-from app.models import InboundHook, Tenant
+from app.infra.models import InboundHook, Tenant
 from app.web import services
 from app.web.errors import problem
 from app.web.limits import limiter
+from app.webhooks import inbound as webhooks_in
 
 bp = Blueprint("hooks", __name__)
 log = logging.getLogger(__name__)

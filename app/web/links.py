@@ -17,7 +17,7 @@ Routes (no personal data in any of them):
 - ``POST /l/<token>/send`` and ``POST /s/send`` (the signed parameters in the
   form): "email me my card", from the page of an expired, revoked or used-up
   link, or from a landing whose wallet the program does not offer. The email
-  goes to the address on file (:mod:`app.card_mail`); the answer is the same
+  goes to the address on file (:mod:`app.distribution.card_mail`); the answer is the same
   page whether one was sent or not.
 
 An expired, revoked or used-up link whose token or signature is genuine gets a
@@ -58,19 +58,21 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 
-from app import card_mail, crm, enrollment, funnel, i18n, install_state, links, platforms
-from app.branding import branding
-from app.cards import CardError, apple_configured, build_pkpass, ensure_card
-from app.certs import CertificateError
-from app.google.client import GoogleApiError
-from app.google.wallet import (
+from app import crm
+from app.cards.cards import CardError, apple_configured, build_pkpass, ensure_card
+from app.distribution import card_mail, enrollment, i18n, links, platforms
+from app.distribution.branding import branding
+from app.infra.models import Customer, LinkToken, Program, Tenant, utcnow
+from app.services import Services
+from app.tracking import funnel, install_state
+from app.updates.google_client import GoogleApiError
+from app.updates.google_wallet import (
     GoogleNotConfigured,
     GoogleUnavailable,
     save_url,
     service_account_info,
 )
-from app.models import Customer, LinkToken, Program, Tenant, utcnow
-from app.services import Services
+from app.wallet.certs import CertificateError
 from app.web import errors, private_page_headers, services
 from app.web.limits import limiter
 

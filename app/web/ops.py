@@ -13,8 +13,8 @@ import time
 
 from flask import Blueprint, Flask, Response, abort, g, jsonify, request
 
-from app import metrics
-from app.readiness import Readiness
+from app.ops import metrics
+from app.ops.readiness import Readiness
 from app.web import services
 from app.web.errors import problem
 
@@ -27,7 +27,7 @@ def init(app: Flask) -> None:
 
     @app.after_request
     def _count(response: Response) -> Response:
-        started = g.get("request_started")  # set by app.logs for every request
+        started = g.get("request_started")  # set by app.infra.logs for every request
         if started is not None:
             metrics.observe_request(request.blueprint, request.method, response.status_code,
                                     time.perf_counter() - started)

@@ -11,7 +11,7 @@ import json
 
 from flask import Blueprint, Response, jsonify, request
 
-from app import passkit
+from app.updates import apple_service as passkit
 from app.web import services
 from app.web.errors import problem
 from app.web.limits import DEVICE_LOG_LIMIT, limiter

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import app.models
+import app.infra.models
 
 revision: str = '0001'
 down_revision: str | None = None
@@ -29,7 +29,7 @@ def upgrade() -> None:
     sa.Column('link_secret_previous', sa.String(length=128), nullable=True),
     sa.Column('google_issuer_id', sa.String(length=64), nullable=True),
     sa.Column('google_service_account_file', sa.String(length=500), nullable=True),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_tenants')),
     sa.UniqueConstraint('slug', name=op.f('uq_tenants_slug'))
     )
@@ -40,7 +40,7 @@ def upgrade() -> None:
     sa.Column('certificate_file', sa.String(length=500), nullable=False),
     sa.Column('key_file', sa.String(length=500), nullable=True),
     sa.Column('password_env', sa.String(length=128), nullable=True),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_apple_identities_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_apple_identities')),
@@ -59,8 +59,8 @@ def upgrade() -> None:
     sa.Column('phone', sa.String(length=40), nullable=True),
     sa.Column('birthday', sa.Date(), nullable=True),
     sa.Column('attributes', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_customers_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_customers')),
@@ -79,8 +79,8 @@ def upgrade() -> None:
     sa.Column('team_identifier', sa.String(length=32), nullable=False),
     sa.Column('field_mapping', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.Column('options', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_programs_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_programs')),
@@ -96,11 +96,11 @@ def upgrade() -> None:
     sa.Column('serial_number', sa.String(length=64), nullable=False),
     sa.Column('authentication_token', sa.String(length=128), nullable=False),
     sa.Column('version', sa.Integer(), nullable=False),
-    sa.Column('last_modified', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_modified', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('content_hash', sa.String(length=64), nullable=True),
     sa.Column('voided', sa.Boolean(), nullable=False),
-    sa.Column('expires_at', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_cards_customer_id_customers'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['program_id'], ['programs.id'], name=op.f('fk_cards_program_id_programs'), ondelete='CASCADE'),
@@ -117,7 +117,7 @@ def upgrade() -> None:
     sa.Column('customer_id', sa.Integer(), nullable=False),
     sa.Column('kind', sa.String(length=64), nullable=False),
     sa.Column('granted', sa.Boolean(), nullable=False),
-    sa.Column('recorded_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('recorded_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('source', sa.String(length=64), nullable=False),
     sa.Column('text', sa.Text(), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-
-import app.models
+import app.infra.models
 
 revision: str = '0002'
 down_revision: str | None = '0001'
@@ -31,7 +30,7 @@ def upgrade() -> None:
     sa.Column('tenant_id', sa.Integer(), nullable=True),
     sa.Column('card_id', sa.Integer(), nullable=True),
     sa.Column('message', sa.Text(), nullable=False),
-    sa.Column('received_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('received_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['card_id'], ['cards.id'], name=op.f('fk_device_logs_card_id_cards'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_device_logs_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_device_logs'))
@@ -47,7 +46,7 @@ def upgrade() -> None:
     sa.Column('platform', sa.String(length=16), nullable=False),
     sa.Column('kind', sa.String(length=32), nullable=False),
     sa.Column('device', sa.String(length=128), nullable=True),
-    sa.Column('occurred_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('occurred_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['card_id'], ['cards.id'], name=op.f('fk_install_events_card_id_cards'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_install_events_tenant_id_tenants'), ondelete='CASCADE'),
@@ -65,7 +64,7 @@ def upgrade() -> None:
     sa.Column('outcome', sa.String(length=16), nullable=False),
     sa.Column('reason', sa.String(length=200), nullable=True),
     sa.Column('apns_id', sa.String(length=64), nullable=True),
-    sa.Column('attempted_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('attempted_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['card_id'], ['cards.id'], name=op.f('fk_push_attempts_card_id_cards'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_push_attempts_tenant_id_tenants'), ondelete='CASCADE'),
@@ -80,11 +79,11 @@ def upgrade() -> None:
     sa.Column('card_id', sa.Integer(), nullable=False),
     sa.Column('update_tag', sa.BigInteger(), nullable=False),
     sa.Column('registration_ids', sa.JSON(), nullable=True),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('claimed_until', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('claimed_until', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('not_before', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('done_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('not_before', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('done_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['card_id'], ['cards.id'], name=op.f('fk_push_jobs_card_id_cards'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_push_jobs_tenant_id_tenants'), ondelete='CASCADE'),
@@ -101,8 +100,8 @@ def upgrade() -> None:
     sa.Column('device_library_identifier', sa.String(length=128), nullable=False),
     sa.Column('pass_type_identifier', sa.String(length=255), nullable=False),
     sa.Column('push_token', sa.String(length=200), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('updated_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('push_problem', sa.String(length=64), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['card_id'], ['cards.id'], name=op.f('fk_registrations_card_id_cards'), ondelete='CASCADE'),

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import app.models
+import app.infra.models
 
 revision: str = '0005'
 down_revision: str | None = '0004'
@@ -30,7 +30,7 @@ def upgrade() -> None:
     sa.Column('mapping', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.Column('max_staleness_seconds', sa.Integer(), nullable=False),
     sa.Column('timeout_seconds', sa.Integer(), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_crm_connections_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_crm_connections')),
@@ -44,12 +44,12 @@ def upgrade() -> None:
     sa.Column('customer_id', sa.Integer(), nullable=False),
     sa.Column('operation', sa.String(length=16), nullable=False),
     sa.Column('payload', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('not_before', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('claimed_until', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('not_before', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('claimed_until', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('last_error', sa.String(length=500), nullable=True),
-    sa.Column('done_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('done_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_crm_outbox_customer_id_customers'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_crm_outbox_tenant_id_tenants'), ondelete='CASCADE'),
@@ -67,12 +67,12 @@ def upgrade() -> None:
     sa.Column('customer_id', sa.Integer(), nullable=True),
     sa.Column('purpose', sa.String(length=16), nullable=False),
     sa.Column('campaign', sa.String(length=100), nullable=True),
-    sa.Column('expires_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('expires_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('max_uses', sa.Integer(), nullable=True),
     sa.Column('uses', sa.Integer(), nullable=False),
-    sa.Column('revoked_at', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_used_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('revoked_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_used_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_link_tokens_customer_id_customers'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['program_id'], ['programs.id'], name=op.f('fk_link_tokens_program_id_programs'), ondelete='CASCADE'),
@@ -94,7 +94,7 @@ def upgrade() -> None:
     sa.Column('kind', sa.String(length=32), nullable=False),
     sa.Column('platform', sa.String(length=16), nullable=True),
     sa.Column('campaign', sa.String(length=100), nullable=True),
-    sa.Column('occurred_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('occurred_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['card_id'], ['cards.id'], name=op.f('fk_funnel_events_card_id_cards'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_funnel_events_customer_id_customers'), ondelete='SET NULL'),
@@ -109,7 +109,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_funnel_events_tenant_id'), ['tenant_id'], unique=False)
 
     with op.batch_alter_table('customers', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('crm_fetched_at', app.models.UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('crm_fetched_at', app.infra.models.UTCDateTime(timezone=True), nullable=True))
 
     with op.batch_alter_table('programs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('forms', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False, server_default='{}'))

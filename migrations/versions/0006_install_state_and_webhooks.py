@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import app.models
+import app.infra.models
 
 revision: str = '0006'
 down_revision: str | None = '0005'
@@ -29,7 +29,7 @@ def upgrade() -> None:
     sa.Column('secret_hash', sa.String(length=64), nullable=True),
     sa.Column('hmac_secret', sa.String(length=128), nullable=True),
     sa.Column('mapping', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_inbound_hooks_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_inbound_hooks')),
@@ -45,7 +45,7 @@ def upgrade() -> None:
     sa.Column('event_types', sa.JSON(), nullable=False),
     sa.Column('active', sa.Boolean(), nullable=False),
     sa.Column('description', sa.String(length=200), nullable=True),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_webhook_subscriptions_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_subscriptions'))
@@ -62,8 +62,8 @@ def upgrade() -> None:
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('error', sa.String(length=500), nullable=True),
     sa.Column('customer_id', sa.Integer(), nullable=True),
-    sa.Column('received_at', app.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('applied_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('received_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('applied_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_inbound_events_customer_id_customers'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['hook_id'], ['inbound_hooks.id'], name=op.f('fk_inbound_events_hook_id_inbound_hooks'), ondelete='CASCADE'),
@@ -81,13 +81,13 @@ def upgrade() -> None:
     sa.Column('event_id', sa.String(length=64), nullable=False),
     sa.Column('event_type', sa.String(length=64), nullable=False),
     sa.Column('payload', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('not_before', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('claimed_until', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('not_before', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('claimed_until', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('last_status', sa.Integer(), nullable=True),
     sa.Column('last_error', sa.String(length=500), nullable=True),
-    sa.Column('done_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('done_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('outcome', sa.String(length=16), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['subscription_id'], ['webhook_subscriptions.id'], name=op.f('fk_webhook_deliveries_subscription_id_webhook_subscriptions'), ondelete='CASCADE'),
@@ -106,12 +106,12 @@ def upgrade() -> None:
     sa.Column('platform', sa.String(length=16), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('device_count', sa.Integer(), nullable=False),
-    sa.Column('first_downloaded_at', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('first_installed_at', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('last_installed_at', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('removed_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('first_downloaded_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('first_installed_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('last_installed_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('removed_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('last_event_id', sa.BigInteger(), nullable=False),
-    sa.Column('updated_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['card_id'], ['cards.id'], name=op.f('fk_card_install_states_card_id_cards'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['program_id'], ['programs.id'], name=op.f('fk_card_install_states_program_id_programs'), ondelete='CASCADE'),
@@ -129,7 +129,7 @@ def upgrade() -> None:
     sa.Column('status', sa.Integer(), nullable=True),
     sa.Column('error', sa.String(length=500), nullable=True),
     sa.Column('duration_ms', sa.Integer(), nullable=False),
-    sa.Column('attempted_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('attempted_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['delivery_id'], ['webhook_deliveries.id'], name=op.f('fk_webhook_attempts_delivery_id_webhook_deliveries'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_webhook_attempts_tenant_id_tenants'), ondelete='CASCADE'),

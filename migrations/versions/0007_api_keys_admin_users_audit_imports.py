@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-import app.models
+import app.infra.models
 
 revision: str = '0007'
 down_revision: str | None = '0006'
@@ -26,9 +26,9 @@ def upgrade() -> None:
     sa.Column('email', sa.String(length=320), nullable=False),
     sa.Column('password_hash', sa.String(length=255), nullable=False),
     sa.Column('role', sa.String(length=16), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_login_at', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('disabled_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_login_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('disabled_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_admin_users_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_admin_users')),
@@ -43,9 +43,9 @@ def upgrade() -> None:
     sa.Column('key_hash', sa.String(length=64), nullable=False),
     sa.Column('name', sa.String(length=100), nullable=False),
     sa.Column('scope', sa.String(length=16), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_used_at', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('revoked_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_used_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('revoked_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_api_keys_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_api_keys')),
@@ -61,7 +61,7 @@ def upgrade() -> None:
     sa.Column('action', sa.String(length=64), nullable=False),
     sa.Column('target', sa.String(length=200), nullable=True),
     sa.Column('details', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
-    sa.Column('occurred_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('occurred_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_audit_log_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_audit_log'))
@@ -80,8 +80,8 @@ def upgrade() -> None:
     sa.Column('updated', sa.Integer(), nullable=False),
     sa.Column('unchanged', sa.Integer(), nullable=False),
     sa.Column('errors', sa.JSON(), nullable=False),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('finished_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('finished_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_import_jobs_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_import_jobs'))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import app.models
+import app.infra.models
 
 revision: str = '0008'
 down_revision: str | None = '0007'
@@ -29,7 +29,7 @@ def upgrade() -> None:
     sa.Column('customer_id', sa.Integer(), nullable=False),
     sa.Column('kind', sa.String(length=64), nullable=False),
     sa.Column('granted', sa.Boolean(), nullable=False),
-    sa.Column('recorded_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('recorded_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('consent_id', sa.Integer(), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['consent_id'], ['consents.id'], name=op.f('fk_current_consents_consent_id_consents'), ondelete='CASCADE'),

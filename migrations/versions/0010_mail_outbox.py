@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import app.models
+import app.infra.models
 
 revision: str = '0010'
 down_revision: str | None = '0009'
@@ -26,12 +26,12 @@ def upgrade() -> None:
     sa.Column('kind', sa.String(length=32), nullable=False),
     sa.Column('locale', sa.String(length=35), nullable=True),
     sa.Column('campaign', sa.String(length=64), nullable=True),
-    sa.Column('created_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('not_before', app.models.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('claimed_until', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('not_before', app.infra.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('claimed_until', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('last_error', sa.String(length=500), nullable=True),
-    sa.Column('done_at', app.models.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('done_at', app.infra.models.UTCDateTime(timezone=True), nullable=True),
     sa.Column('outcome', sa.String(length=16), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_mail_outbox_customer_id_customers'), ondelete='CASCADE'),

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import app.models
+import app.infra.models
 
 revision: str = '0013'
 down_revision: str | None = '0012'
@@ -20,11 +20,11 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table('apple_identities') as batch:
-        batch.add_column(sa.Column('apns_failing_since', app.models.UTCDateTime(timezone=True),
+        batch.add_column(sa.Column('apns_failing_since', app.infra.models.UTCDateTime(timezone=True),
                                    nullable=True))
         batch.add_column(sa.Column('apns_problem', sa.String(length=200), nullable=True))
         batch.add_column(sa.Column('apns_next_attempt_at',
-                                   app.models.UTCDateTime(timezone=True), nullable=True))
+                                   app.infra.models.UTCDateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import app.models
+import app.infra.models
 
 revision: str = '0014'
 down_revision: str | None = '0013'
@@ -24,7 +24,7 @@ def upgrade() -> None:
     sa.Column('content_hash', sa.String(length=64), nullable=False),
     sa.Column('pass_json', sa.LargeBinary(), nullable=False),
     sa.Column('signature', sa.LargeBinary(), nullable=False),
-    sa.Column('signed_at', app.models.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('signed_at', app.infra.models.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['card_id'], ['cards.id'], name=op.f('fk_signed_versions_card_id_cards'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('card_id', name=op.f('pk_signed_versions'))
     )

@@ -42,7 +42,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from app.config import normalize_database_url
+from app.infra.config import normalize_database_url
 from tests.apns_standin import ApnsStandin
 from tests.cluster import harness
 

@@ -1,0 +1,1 @@
+"""Administration: dashboard queries, admin users, API keys, the audit log."""

@@ -1,0 +1,1 @@
+"""Cards: one customer in one program; issuing, rendering inputs, content versions."""

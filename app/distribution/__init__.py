@@ -1,0 +1,1 @@
+"""Handing cards out: personal links, landing offers, enrollment and details forms, card emails, page language and branding."""

@@ -1,1 +1,0 @@
-"""Google Wallet: classes, objects, save links, REST client and callbacks."""

@@ -1,0 +1,1 @@
+"""Shared infrastructure: settings, database and schema, outboxes, events, outbound HTTP, logs."""

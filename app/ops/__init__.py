@@ -1,0 +1,1 @@
+"""Running the system: readiness, Prometheus metrics, retention."""

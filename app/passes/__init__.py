@@ -1,1 +1,0 @@
-"""Apple Wallet pass building: templates, images, packaging and signing."""

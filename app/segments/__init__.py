@@ -1,0 +1,1 @@
+"""Marketer views over tracking: segments, campaign funnels, link exports."""

@@ -1,0 +1,1 @@
+"""Setting up a brand: tenants, Apple identities, programs; the demo seed."""

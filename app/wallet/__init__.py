@@ -1,0 +1,1 @@
+"""Pure pass building (no database): Apple templates, images, packaging and signing; Google object bodies; previews."""

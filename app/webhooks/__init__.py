@@ -1,0 +1,1 @@
+"""Webhooks: inbound loyalty-engine hooks (data in) and signed outbound events (data out)."""
