@@ -7,9 +7,25 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from app import api
+from app.cli import register_commands
 from app.infra import logs
 from app.infra.config import Settings
 from app.services import Services
+from app.web import (
+    admin,
+    converters,
+    csrf,
+    demo,
+    errors,
+    google,
+    health,
+    hooks,
+    limits,
+    links,
+    ops,
+    passkit,
+)
 
 
 def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
@@ -20,9 +36,6 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 2 * 1024 * 1024
     services = Services(settings)
     app.extensions["passerelle"] = services
-
-    from app.cli import register_commands
-    from app.web import converters, csrf, demo, errors, google, health, limits, links, ops, passkit
 
     converters.register(app)  # before any route: `<id:...>` is how routes take row ids
     register_commands(app)
@@ -35,15 +48,9 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
     app.register_blueprint(demo.bp)
     app.register_blueprint(passkit.bp)
     app.register_blueprint(google.bp)
-    from app.web import hooks  # inbound webhooks; exempts itself from CSRF (secret-authenticated)
-
-    app.register_blueprint(hooks.bp)
+    app.register_blueprint(hooks.bp)  # inbound webhooks: exempt from CSRF (secret-authenticated)
     app.register_blueprint(links.bp)
-    from app.web import admin  # the dashboard under /admin (session login, CSRF on every form)
-
-    app.register_blueprint(admin.bp)
-    from app import api
-
+    app.register_blueprint(admin.bp)  # the dashboard under /admin (session login, CSRF on every form)
     api.init_app(app)  # REST API under /api/v1 (its own problem errors, limits, docs)
     # After every blueprint: machine ones (and any under /api/) are exempted by name.
     csrf.init(app, secure_cookie=settings.public_url.startswith("https://"),

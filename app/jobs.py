@@ -23,6 +23,8 @@ from huey import Huey, RedisHuey, SqliteHuey, crontab
 from huey.api import TaskWrapper
 
 from app.crm import outbox as crm_outbox
+from app.customers import imports
+from app.distribution import card_mail, enrollment
 from app.infra.config import Settings
 from app.ops import retention
 from app.updates import pushes
@@ -49,26 +51,22 @@ def _crm_write(services: Any, entry_id: int) -> Attempt:
 
 
 def _card_mail(services: Any, entry_id: int) -> Attempt:
-    from app.distribution import card_mail
 
     sent = card_mail.attempt(services, entry_id)
     return sent.state, sent.retry_in, ()
 
 
 def _import(services: Any, job_id: int) -> Attempt:
-    from app.customers import imports
 
     return imports.run_job(services, job_id), None, ()
 
 
 def _import_sweep(services: Any) -> list[int]:
-    from app.customers import imports
 
     return imports.sweep(services)
 
 
 def _card_mail_sweep(services: Any) -> list[int]:
-    from app.distribution import card_mail
 
     return card_mail.due_entries(services)
 
@@ -98,7 +96,6 @@ class JobQueue:
         @self.huey.periodic_task(crontab(minute="23"), name="forget_form_submissions")
         def forget_form_submissions() -> int:
             """Hourly: form submission ids whose pages can no longer be posted."""
-            from app.distribution import enrollment
 
             return enrollment.forget_submissions(self.services)  # type: ignore[arg-type]
 

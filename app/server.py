@@ -62,7 +62,7 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
     except ImportError:  # no fork (Windows): one process, waitress
         from waitress import serve as waitress_serve
 
-        from app import create_app
+        from app import create_app  # app → cli → server: the package is complete only once it runs
 
         waitress_serve(create_app(), host=host, port=port, threads=threads)
         return

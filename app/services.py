@@ -21,6 +21,10 @@ from app.infra.db import (
 )
 from app.infra.models import AppleIdentity, Program
 from app.jobs import JobQueue
+from app.tracking.google_callbacks import RootKeyStore, parse_root_keys
+from app.updates.apns import ApnsTokenKey
+from app.updates.google_client import GoogleWalletClient
+from app.updates.google_wallet import service_account_info
 from app.wallet import certs
 from app.wallet.builder import PassBuilder
 from app.wallet.images import ImageCache
@@ -73,7 +77,6 @@ class Services:
     def apns_client(self, identity: AppleIdentity):  # type: ignore[no-untyped-def]
         """The APNs client for a pass type: its .p8 token key if one is registered,
         else the pass certificate itself (Apple's documented way)."""
-        from app.updates.apns import ApnsTokenKey
 
         token_key = None
         if identity.apns_key_file and identity.apns_key_id:
@@ -85,8 +88,6 @@ class Services:
 
     def google_client(self, tenant):  # type: ignore[no-untyped-def]
         """The tenant's Google Wallet REST client (one per service-account file version)."""
-        from app.updates.google_client import GoogleWalletClient
-        from app.updates.google_wallet import service_account_info
 
         info = service_account_info(self, tenant)
         key = (tenant.id, info.get("private_key_id"), info.get("client_email"))
@@ -99,7 +100,6 @@ class Services:
     def google_root_keys(self):  # type: ignore[no-untyped-def]
         """Google's callback root keys, fetched and cached per Cache-Control."""
         if self._google_keys is None:
-            from app.tracking.google_callbacks import RootKeyStore, parse_root_keys
 
             preloaded = None
             if self.settings.google_keys_file:

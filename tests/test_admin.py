@@ -496,14 +496,6 @@ def test_funnel_chart_per_campaign(app, services, world) -> None:  # type: ignor
     assert "Not available yet" not in page
 
 
-def test_funnel_panel_says_when_it_is_not_available(app, world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from app.admin import dashboard
-
-    monkeypatch.setattr(dashboard, "funnel_available", lambda: False)
-    client = signed_in(app, "viewer@a.example")
-    assert "Not available yet" in client.get("/admin/programs/rewards").get_data(as_text=True)
-
-
 # -- segments ---------------------------------------------------------------------------------
 
 def test_segment_count_json_matches_the_domain_count(app, services, world) -> None:  # type: ignore[no-untyped-def]

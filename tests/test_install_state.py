@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import random
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import delete, func, select, update
 
+from app.infra import events
 from app.infra.models import (
     Card,
     CardInstallState,
@@ -39,12 +41,17 @@ def card_id(services, demo) -> int:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def emitted(monkeypatch) -> list[tuple[str, dict[str, Any]]]:  # type: ignore[no-untyped-def]
-    """Webhook events install_state asks for, whatever app/webhooks_out does with them."""
-    events: list[tuple[str, dict[str, Any]]] = []
-    monkeypatch.setattr(install_state, "_emitter",
-                        lambda: lambda _s, _t, event_type, data: events.append((event_type, data)))
-    return events
+def emitted(services) -> Iterator[list[tuple[str, dict[str, Any]]]]:  # type: ignore[no-untyped-def]
+    """Events install_state announces, heard as any later stage hears them (a subscriber)."""
+    heard: list[tuple[str, dict[str, Any]]] = []
+
+    def listen(_session: Any, event: events.Event) -> None:
+        if isinstance(event, events.Announced):
+            heard.append((event.type, event.data))
+
+    services.db.subscribers.append(listen)
+    yield heard
+    services.db.subscribers.remove(listen)
 
 
 def record(services, card_id: int, platform: str, kind: str, device: str | None = None,  # type: ignore[no-untyped-def]

@@ -171,7 +171,7 @@ def test_bulk_import_renders_in_the_pool_and_writes_set_based(services, demo, tm
 
     from app.customers.customers import import_csv
     from app.infra.models import PushJob, SignedVersion
-    from app.updates.bulk import RenderPool
+    from app.updates.rendering import RenderPool
 
     ids = _bulk_cards(services, demo, registered=40)
     before = _state(services, ids)
@@ -220,7 +220,7 @@ def test_bulk_refresh_reports_cards_that_do_not_render(services, demo, tmp_path,
                                                        monkeypatch) -> None:
     from app.cards import cards
     from app.customers.customers import import_csv
-    from app.updates.bulk import RenderPool
+    from app.updates.rendering import RenderPool
 
     ids = _bulk_cards(services, demo, registered=0)
     before = _state(services, ids)

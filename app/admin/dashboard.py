@@ -49,6 +49,7 @@ from app.infra.models import (
     CrmOutboxEntry,
     Customer,
     ImportJob,
+    LinkToken,
     Program,
     PushAttempt,
     PushJob,
@@ -59,8 +60,10 @@ from app.infra.models import (
     WebhookSubscription,
     utcnow,
 )
-from app.wallet import certs
+from app.segments import funnel_stats
+from app.wallet import certs, preview
 from app.wallet.builder import CardInput
+from app.wallet.certs import identity_password
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -144,7 +147,6 @@ def program_by_slug(session: Session, tenant_id: int, slug: str) -> Program | No
 
 def campaigns(session: Session, tenant_id: int, program_id: int) -> list[str]:
     """Campaign names links of this program were issued under (for the segment form)."""
-    from app.infra.models import LinkToken
 
     return list(session.scalars(
         select(LinkToken.campaign).where(LinkToken.tenant_id == tenant_id,
@@ -158,7 +160,6 @@ def preview_png(session: Session, services: Services, program: Program) -> bytes
 
     Raises ``app.wallet.template.TemplateError`` when the template cannot render.
     """
-    from app.wallet import preview  # Pillow drawing: loaded by the pages that show previews
 
     tenant = session.get(Tenant, program.tenant_id)
     assert tenant is not None
@@ -208,22 +209,9 @@ FUNNEL_STEPS = (("links_issued", "Links issued", ""), ("opened", "Links opened",
                 ("installed_google", "Google · installed", "google"))
 
 
-def funnel_available() -> bool:
-    try:
-        import app.segments.funnel_stats  # noqa: F401 - another module; absent in older trees
-    except ImportError:
-        return False
-    return True
-
-
-def funnel(session: Session, tenant_id: int, program_id: int) -> list[FunnelChart] | None:
+def funnel(session: Session, tenant_id: int, program_id: int) -> list[FunnelChart]:
     """One funnel chart per campaign (links without one grouped together), from
-    ``app/funnel_stats.py`` so the dashboard and the API agree on every number;
-    ``None`` when that module is missing (the panel then says "not available yet")."""
-    if not funnel_available():
-        return None
-    from app.segments import funnel_stats
-
+    ``app/segments/funnel_stats.py`` so the dashboard and the API agree on every number."""
     if session.scalar(select(Program.id).where(Program.tenant_id == tenant_id,
                                                Program.id == program_id)) is None:
         return []
@@ -294,7 +282,6 @@ class Health:
 def certificate_statuses(session: Session, services: Services, tenant_id: int,
                          now: dt.datetime | None = None) -> list[CertificateStatus]:
     """Each Apple identity of the tenant: expiry and everything `certs check` would say."""
-    from app.wallet.certs import identity_password
 
     now = now or utcnow()
     settings = services.settings

@@ -7,6 +7,7 @@ per tenant (``CrmConnection``). Reads go through :func:`load_customer`
 durable outbox (:func:`record_write`, :func:`deliver`). See docs/crm.md.
 """
 
+from app.crm.connections import connector_for
 from app.crm.connector import (
     Connector,
     CrmError,
@@ -15,7 +16,6 @@ from app.crm.connector import (
     CrmRejected,
     CrmStale,
     CrmUnavailable,
-    connector_for,
 )
 from app.crm.outbox import customer_payload, deliver, due_entries, record_write
 from app.crm.sync import load_customer, refresh_customer, store_record

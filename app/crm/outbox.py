@@ -37,6 +37,7 @@ from sqlalchemy import ColumnElement, exists, func, literal_column, select, upda
 from sqlalchemy.orm import Session, aliased
 
 from app.crm.builtin import BuiltinConnector
+from app.crm.connections import connector_for
 from app.crm.connector import (
     STANDARD_FIELDS,
     Connector,
@@ -44,7 +45,6 @@ from app.crm.connector import (
     CrmNotFound,
     CrmRejected,
     CrmUnavailable,
-    connector_for,
 )
 from app.infra import outbox as lease
 from app.infra.db import CRM_DISPATCH_KEY

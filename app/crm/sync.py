@@ -23,7 +23,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.crm import outbox
-from app.crm.connector import STANDARD_FIELDS, CrmRecord, CrmStale, CrmUnavailable, connector_for
+from app.crm.connections import connector_for
+from app.crm.connector import STANDARD_FIELDS, CrmRecord, CrmStale, CrmUnavailable
 from app.customers.customers import (
     CustomerChanges,
     CustomerConflict,

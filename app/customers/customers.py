@@ -6,7 +6,8 @@ inbound hooks, the dashboard and the demo) goes through :func:`upsert_customer`
 and attribute rules, the same email ownership check (an address belongs to one
 customer per tenant), consents appended with their source, and one answer to
 "did anything change". It only flushes; the caller owns the transaction.
-``customer.updated`` events follow from the flushed changes (app/webhooks_out.py).
+``customer.updated`` events follow from the flushed changes (app/webhooks/outbound.py,
+wired by Services; consents are published as app.infra.events).
 
 CSV import rules (also in README):
 - ``external_id`` is required; rows are upserted by it within the tenant.
@@ -40,8 +41,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.infra import events
 from app.infra.models import Consent, CurrentConsent, Customer, utcnow
-from app.webhooks import outbound as webhooks_out
 
 STANDARD_FIELDS = ("email", "first_name", "last_name", "locale", "phone", "birthday")
 CONSENT_PREFIX = "consent_"
@@ -241,7 +242,7 @@ def record_consent(session: Session, customer: Customer, kind: str, granted: boo
     session.add(consent)
     session.flush()
     _keep_current(session, consent)
-    webhooks_out.consent_recorded(session, customer, consent)  # no-op without subscribers
+    events.publish(session, events.ConsentRecorded(customer, consent))
     return True
 
 

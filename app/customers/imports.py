@@ -54,7 +54,7 @@ from app.infra import outbox
 from app.infra.db import IMPORT_DISPATCH_KEY
 from app.infra.models import Customer, ImportJob, utcnow
 from app.updates import refresh as updates
-from app.updates.bulk import RenderPool
+from app.updates.rendering import RenderPool
 
 if TYPE_CHECKING:
     from app.services import Services

@@ -69,10 +69,10 @@ from app.customers.customers import (
     upsert_customer,
 )
 from app.distribution import card_mail, i18n
+from app.infra import events
 from app.infra.models import Card, Customer, FormSubmission, Program, utcnow
 from app.tracking import funnel
 from app.updates import refresh as updates
-from app.webhooks import outbound as webhooks_out
 
 if TYPE_CHECKING:
     from app.distribution.links import LinkGrant
@@ -369,8 +369,9 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
     else:
         funnel.record(session, source, "enrolled", customer=customer, card=card,
                       platform=platform, campaign=campaign)
-        webhooks_out.emit(session, program.tenant_id, "customer.enrolled",
-                          {"customer_id": customer.id, "program": program.slug})
+        events.publish(session, events.Announced(
+            program.tenant_id, "customer.enrolled",
+            {"customer_id": customer.id, "program": program.slug}))
     return Enrollment(customer, card, held)
 
 

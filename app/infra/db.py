@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
-from app.infra import logs, outbox
+from app.infra import events, logs, outbox
 from app.infra.models import TenantOwned
 
 TENANT_KEY = "tenant_id"
@@ -48,6 +48,8 @@ class Database:
         #: Who receives committed outbox rows, per queue: set by Services to the job queue.
         self.dispatchers: dict[str, Callable[[list[int]], None] | None] = dict.fromkeys(
             DISPATCH_KEYS)
+        #: Who hears domain events published in this database's sessions (app.infra.events).
+        self.subscribers: list[events.Subscriber] = []
         outbox.install(self)  # the one after-commit hook, for every outbox
 
     def listen(self, identifier: str, fn: Callable[..., Any]) -> None:
@@ -67,6 +69,7 @@ class Database:
         if commit_before_calls:
             session.info[COMMIT_BEFORE_CALLS] = True
         session.info[outbox.DISPATCHERS] = self.dispatchers
+        session.info[events.SUBSCRIBERS] = self.subscribers
         return session
 
     def tenant_session(self, tenant_id: int, *, commit_before_calls: bool = False) -> Session:

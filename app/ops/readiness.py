@@ -28,6 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.infra import migrate
 from app.infra.models import AppleIdentity, Program
 from app.wallet import certs
+from app.wallet.certs import identity_password
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -51,7 +52,6 @@ def check_certificates(services: Services, *, apns: bool = False
     ``apns``: also report certificates the push workers cannot connect to APNs with
     (`certs check` does; ``/readyz`` does not: web processes serve fine meanwhile,
     and ``/healthz/pushes`` reports it)."""
-    from app.wallet.certs import identity_password
 
     errors: list[str] = []
     warnings: list[str] = []

@@ -54,6 +54,7 @@ from sqlalchemy.dialects.postgresql import JSONB, JSONPATH
 from sqlalchemy.orm import Session, load_only
 
 from app.customers.imports import MAX_ATTRIBUTE_NUMBER
+from app.distribution import links
 from app.infra.models import CardInstallState, CurrentConsent, Customer, LinkToken, Program
 from app.tracking import install_state
 
@@ -434,7 +435,6 @@ def iter_export_csv(session: Session, services: Services, segment: Segment, *,
                     limit: int | None = None) -> Iterator[tuple[str, int]]:
     """The export as (CSV text, rows in it) chunks: the header, then one per thousand
     customers, each yielded after its links are committed (for streamed HTTP answers)."""
-    from app.distribution import links  # app/links.py: personal link tokens
 
     program = _program(session, segment)
     names = attribute_names(program)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.infra.models import AppleIdentity, Program, Tenant
-from app.services import Services
+from app.updates.apns import ApnsError, ApnsTokenKey
 from app.wallet import certs
 from app.wallet.certs import identity_password
+
+if TYPE_CHECKING:
+    from app.services import Services  # passed in by the entry point
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -46,7 +50,6 @@ def register_identity(session: Session, services: Services, tenant: Tenant, *,
     if bool(apns_key_file) != bool(apns_key_id):
         raise SetupError("an APNs .p8 key needs both the file and its key id")
     if apns_key_file:
-        from app.updates.apns import ApnsError, ApnsTokenKey
 
         try:
             ApnsTokenKey.from_file(services.settings.certs_path / apns_key_file,

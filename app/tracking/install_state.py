@@ -40,6 +40,7 @@ from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.infra import events
 from app.infra.models import Card, CardInstallState, InstallEvent, Program, Tenant, utcnow
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ _REMOVE = {"apple": frozenset({"unregistered", "push_gone"}), "google": frozense
 #: Rows per transaction in rebuild.
 REBUILD_CHUNK = 1000
 
-#: Webhook event types this module emits (app/webhooks_out.py delivers them).
+#: Event types this module announces (app/webhooks/outbound.py delivers them as webhooks).
 EVENT_DOWNLOADED = "card.downloaded"
 EVENT_INSTALLED = "card.installed"
 EVENT_REMOVED = "card.removed"
@@ -200,24 +201,9 @@ def _announce(session: Session, card: Card, row: CardInstallState,
         types.append(EVENT_DOWNLOADED)
     if row.state != old_state and row.state in ("installed", "removed"):
         types.append(EVENT_INSTALLED if row.state == "installed" else EVENT_REMOVED)
-    emit = _emitter() if types else None
-    if emit is None:
-        return
     data = event_data(card, row)
     for event_type in types:
-        emit(session, card.tenant_id, event_type, dict(data))
-
-
-def _emitter() -> Callable[[Session, int, str, dict[str, Any]], None] | None:
-    """app/webhooks_out.py's emit; None while that module does not exist."""
-    try:
-        from app.webhooks import outbound as webhooks_out  # type: ignore[attr-defined]
-    except ModuleNotFoundError as exc:
-        if exc.name == "app.webhooks.outbound":
-            return None
-        raise
-    emit: Callable[[Session, int, str, dict[str, Any]], None] = webhooks_out.emit
-    return emit
+        events.publish(session, events.Announced(card.tenant_id, event_type, dict(data)))
 
 
 def event_data(card: Card, row: CardInstallState) -> dict[str, Any]:

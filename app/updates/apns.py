@@ -58,8 +58,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hpack import NeverIndexedHeaderTuple
 
+from app.infra import instruments
 from app.infra.http import transient
-from app.ops import metrics
 from app.wallet.certs import certificate_uid
 
 if TYPE_CHECKING:
@@ -493,7 +493,7 @@ class ApnsClient:
                 # holds it: report "retry" rather than fail the caller's whole job.
                 log.warning("APNs client for %s used after close; %d push(es) to retry",
                             topic, len(tokens))
-                metrics.apns_unanswered("client_closed", len(tokens))
+                instruments.apns_unanswered("client_closed", len(tokens))
                 return [PushResult(t, None, "APNs client closed", None) for t in tokens]
             if os.getpid() != self._pid or not self._thread.is_alive():
                 # A forked child has the client but not its thread: waiting would hang.
@@ -594,7 +594,7 @@ class ApnsClient:
             try:
                 connection = await self._slot()
             except (ConnectError, CircuitOpen) as exc:
-                metrics.apns_unanswered(exc.kind if isinstance(exc, ConnectError)
+                instruments.apns_unanswered(exc.kind if isinstance(exc, ConnectError)
                                         else "circuit_open")
                 return PushResult(token, None, str(exc)[:_REASON_LIMIT], None)
             worked = connection.answered
@@ -602,7 +602,7 @@ class ApnsClient:
             try:
                 status, apns_id, body = await connection.send(headers, self._timeout)
             except TimeoutError:
-                metrics.apns_unanswered("timeout")
+                instruments.apns_unanswered("timeout")
                 return self._failure(token, f"ReadTimeout: no answer within "
                                             f"{self._timeout:g} s")
             except ConnectionLost as exc:
@@ -612,13 +612,13 @@ class ApnsClient:
                 if attempt == 1 and worked:
                     continue
                 reason = _failure_reason(exc, fresh=not worked)
-                metrics.apns_unanswered("tls_refused" if reason.startswith("TLS")
+                instruments.apns_unanswered("tls_refused" if reason.startswith("TLS")
                                         else "connection_lost")
                 return self._failure(token, reason)
             finally:
                 connection.release()
             result = _result(token, status, apns_id, body)
-            metrics.apns_answered(status, result.reason, time.perf_counter() - started)
+            instruments.apns_answered(status, result.reason, time.perf_counter() - started)
             return result
         raise AssertionError("unreachable")
 
@@ -676,10 +676,10 @@ class ApnsClient:
                 reason, kind = _failure_reason(exc, fresh=connected), "tls_refused"
                 if "TLS" not in reason:
                     reason, kind = f"ConnectError ({reason})", "connect_failed"
-            metrics.apns_connection(kind)
+            instruments.apns_connection(kind)
             self.breaker.failed(reason)
             raise ConnectError(reason[:_REASON_LIMIT], kind) from None
-        metrics.apns_connection("opened")
+        instruments.apns_connection("opened")
         self.breaker.succeeded()
         self._connections.append(connection)
         return connection

@@ -38,8 +38,8 @@ import google.auth.transport.requests
 import requests
 from google.oauth2 import service_account
 
+from app.infra import instruments
 from app.infra.http import new_session, retry_after, transient
-from app.ops import metrics
 
 USER_AGENT = "Passerelle-Google/1"
 
@@ -254,7 +254,7 @@ class GoogleWalletClient:
     def _call(self, method: str, path: str, body: dict | None = None, *,
               params: dict | None = None, issuer_id: str | None = None) -> dict:
         url = self.api_url + path
-        operation = metrics.google_operation(method, path)
+        operation = instruments.google_operation(method, path)
         refreshed = False
         attempt = 0
         while True:
@@ -264,13 +264,13 @@ class GoogleWalletClient:
                     headers = {"Authorization": self._authorization(),
                                "Accept": "application/json"}
                 except GoogleApiError:  # the token endpoint refused the key
-                    metrics.google_unanswered(operation, "token_refused")
+                    instruments.google_unanswered(operation, "token_refused")
                     raise
                 started = time.perf_counter()
                 response = self.session.request(method, url, json=body, params=params,
                                                 headers=headers, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout, _NetworkError) as exc:
-                metrics.google_unanswered(operation, "network")
+                instruments.google_unanswered(operation, "network")
                 if attempt >= self.max_retries:
                     message = (exc.args[0] if isinstance(exc, _NetworkError)
                                else f"{type(exc).__name__} talking to {self.api_url}")
@@ -280,7 +280,7 @@ class GoogleWalletClient:
                 log.warning("google: %s %s: %s, retrying", method, path, type(exc).__name__)
             else:
                 status = response.status_code
-                metrics.google_answered(operation, status, time.perf_counter() - started)
+                instruments.google_answered(operation, status, time.perf_counter() - started)
                 if status < 300:
                     return _json(response)
                 error = _error_from(response, method, path, self.service_account_email,

@@ -34,6 +34,7 @@ from app.infra.models import (
     utcnow,
 )
 from app.tracking import install_state
+from app.updates.google_client import GoogleApiError
 from app.wallet import google_objects as objects
 
 if TYPE_CHECKING:
@@ -150,7 +151,6 @@ def _inserted(session: Session, client: GoogleWalletClient, card: Card, resource
     An existing object saying ``hasUsers`` proves an install we may have no
     callback for, so it goes into the install log.
     """
-    from app.updates.google_client import GoogleApiError
 
     existing = client.get(resource, body["id"])
     if existing is not None:
@@ -184,7 +184,6 @@ def _notify_if_due(session: Session, services: Services, client: GoogleWalletCli
     brought up to the budget from now, so no notification is attempted for this object
     until that has aged out (Google does not say when its oldest one does).
     """
-    from app.updates.google_client import GoogleApiError
 
     now = utcnow()
     sent = session.scalar(select(func.count(GoogleNotification.id)).where(
@@ -237,7 +236,6 @@ def sign_save_jwt(info: dict[str, Any], payload: dict[str, Any], origins: list[s
 def save_url(session: Session, services: Services, card: Card,
              origins: list[str] | None = None) -> str:
     """Upsert over REST, then a skinny JWT {id, classId}. Built per click, never in bulk."""
-    from app.updates.google_client import GoogleApiError
 
     tenant = card.program.tenant
     info = service_account_info(services, tenant)

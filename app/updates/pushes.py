@@ -47,7 +47,7 @@ from sqlalchemy import ColumnElement, Integer, any_, delete, insert, literal, se
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from app.infra import outbox
+from app.infra import instruments, outbox
 from app.infra.http import transient
 from app.infra.models import (
     AppleIdentity,
@@ -58,8 +58,11 @@ from app.infra.models import (
     Registration,
     utcnow,
 )
-from app.ops import metrics
 from app.tracking import install_state
+from app.updates.apns import ApnsError, PushResult
+from app.updates.google_client import GoogleApiError
+from app.updates.google_wallet import GoogleNotConfigured, sync_object
+from app.wallet.certs import CertificateError
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -245,8 +248,6 @@ class _Device:
 
 
 def _deliver_apple(services: Services, jobs: list[_Job], now: dt.datetime) -> list[Delivery]:
-    from app.updates.apns import ApnsError, PushResult
-    from app.wallet.certs import CertificateError
 
     card_ids = sorted({job.card_id for job in jobs})
     with services.db.session() as session:
@@ -370,7 +371,7 @@ def _deliver_apple(services: Services, jobs: list[_Job], now: dt.datetime) -> li
         if retries:
             session.execute(update(PushJob), retries)  # executemany by primary key
         session.commit()
-    metrics.push_outcomes("apple", Counter(outcome_of.values()))  # once recorded
+    instruments.push_outcomes("apple", Counter(outcome_of.values()))  # once recorded
     return deliveries
 
 
@@ -479,14 +480,12 @@ def _deliver_google(services: Services, jobs: list[_Job], now: dt.datetime) -> l
         if retries:
             session.execute(update(PushJob), retries)
         session.commit()
-    metrics.push_outcomes("google", Counter(states.values()))  # per card: done|retry|failed
+    instruments.push_outcomes("google", Counter(states.values()))  # per card: done|retry|failed
     return deliveries
 
 
 def _sync_google(services: Services, job: _Job) -> str:
     """One card's object: "done", "retry" (429/5xx/network) or "failed"."""
-    from app.updates.google_client import GoogleApiError
-    from app.updates.google_wallet import GoogleNotConfigured, sync_object
 
     with services.db.session() as session:
         card = session.get(Card, job.card_id)

@@ -39,10 +39,11 @@ from app.infra.models import (
     SignedVersion,
     utcnow,
 )
+from app.updates import rendering
 
 if TYPE_CHECKING:
     from app.services import Services
-    from app.updates.bulk import Rendered, RenderJob, RenderPool
+    from app.updates.rendering import Rendered, RenderJob, RenderPool
 
 UPDATE_TAG = "card_update_tag"
 
@@ -153,7 +154,6 @@ class CardRefresher:
         return self.refresh(session, targets)
 
     def refresh(self, session: Session, targets: Iterable[Card]) -> Refresh:
-        from app.updates import bulk
 
         result = Refresh()
         targets = list(targets)
@@ -161,8 +161,8 @@ class CardRefresher:
             return result
         session.flush()  # cards just created need their ids
         signed = _fetched_by_devices(session, [card.id for card in targets])
-        by_config: dict[bulk.RenderConfig, list[RenderJob]] = {}
-        builders: dict[bulk.RenderConfig, object] = {}
+        by_config: dict[rendering.RenderConfig, list[RenderJob]] = {}
+        builders: dict[rendering.RenderConfig, object] = {}
         identities: dict[int, AppleIdentity | Exception] = {}
         by_id: dict[int, Card] = {}
         for card in targets:
@@ -176,7 +176,7 @@ class CardRefresher:
                     identities[card.program_id] = identity
                 if isinstance(identity, Exception):
                     raise identity
-                config = bulk.RenderConfig.for_program(self.services, card.program, identity)
+                config = rendering.RenderConfig.for_program(self.services, card.program, identity)
                 if config not in builders:
                     builders[config] = self.services.pass_builder(card.program, identity)
                 job = (card.id, card.serial_number, cards.card_input(card, self.services),
@@ -192,7 +192,7 @@ class CardRefresher:
                 rendered += self.pool.render(config, jobs)
             else:
                 builder = builders[config]
-                rendered += [bulk.render_one(builder, job) for job in jobs]  # type: ignore[arg-type]
+                rendered += [rendering.render_one(builder, job) for job in jobs]  # type: ignore[arg-type]
         changed: list[tuple[Card, str, bytes | None, bytes | None]] = []
         for card_id, content_hash, pass_json, signature, error in rendered:
             if error is not None:

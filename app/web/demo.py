@@ -15,6 +15,8 @@ from app.cards import cards
 from app.infra.models import Card, Customer, Program, Tenant
 from app.tenants.demo import DEMO_TENANT
 from app.tracking import install_state
+from app.updates.google_client import GoogleApiError
+from app.updates.google_wallet import GoogleNotConfigured, GoogleUnavailable, save_url
 from app.web import services
 
 bp = Blueprint("demo", __name__, url_prefix="/demo")
@@ -54,8 +56,6 @@ def index():  # type: ignore[no-untyped-def]
 @bp.get("/cards/<serial>/google")
 def google_save(serial: str):  # type: ignore[no-untyped-def]
     """Upsert the Google Wallet object, then send the browser to Google's save page."""
-    from app.updates.google_client import GoogleApiError
-    from app.updates.google_wallet import GoogleNotConfigured, GoogleUnavailable, save_url
 
     tenant_id = _demo_tenant_id()
     svc = services()

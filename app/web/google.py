@@ -7,6 +7,8 @@ import logging
 from flask import Blueprint, Response, abort, request, send_file
 
 from app.infra.models import utcnow
+from app.tracking.google_callbacks import CallbackError, verify_callback
+from app.updates.google_wallet import apply_callback, issuer_configured
 from app.wallet.images import ROLES
 from app.wallet.template import TemplateError
 from app.web import services
@@ -48,8 +50,6 @@ def image(template: str, role: str):  # type: ignore[no-untyped-def]
 
 @bp.post("/google/callback/<issuer_id>")
 def callback(issuer_id: str):  # type: ignore[no-untyped-def]
-    from app.tracking.google_callbacks import CallbackError, verify_callback
-    from app.updates.google_wallet import apply_callback, issuer_configured
 
     received_at = utcnow()  # the events' time (Google's expTimeMillis is ~1 h ahead)
     if not issuer_id.isdigit() or len(issuer_id) > 20:

@@ -13,6 +13,7 @@ import time
 
 from flask import Blueprint, Flask, Response, abort, g, jsonify, request
 
+from app.infra import instruments
 from app.ops import metrics
 from app.ops.readiness import Readiness
 from app.web import services
@@ -29,7 +30,7 @@ def init(app: Flask) -> None:
     def _count(response: Response) -> Response:
         started = g.get("request_started")  # set by app.infra.logs for every request
         if started is not None:
-            metrics.observe_request(request.blueprint, request.method, response.status_code,
+            instruments.observe_request(request.blueprint, request.method, response.status_code,
                                     time.perf_counter() - started)
         return response
 

@@ -60,6 +60,7 @@ from app.customers.customers import (
 )
 from app.infra.models import Customer, InboundEvent, InboundHook, Tenant, utcnow
 from app.updates import refresh as updates
+from app.webhooks import outbound as webhooks_out
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -216,7 +217,6 @@ def authenticate(hook: InboundHook, headers: Mapping[str, str], body: bytes) -> 
 
 
 def _signature_matches(secret: str, given: str, body: bytes) -> bool:
-    from app.webhooks import outbound as webhooks_out
 
     if given.startswith("t="):
         return webhooks_out.verify(secret, given, body)

@@ -53,11 +53,10 @@ import requests
 from sqlalchemy import event, inspect, select
 from sqlalchemy.orm import Session
 
-from app.infra import netguard, outbox
+from app.infra import events, netguard, outbox
 from app.infra.db import TENANT_KEY, WEBHOOK_DISPATCH_KEY
 from app.infra.models import (
     Card,
-    CardInstallState,
     Consent,
     Customer,
     Tenant,
@@ -66,6 +65,7 @@ from app.infra.models import (
     WebhookSubscription,
     utcnow,
 )
+from app.tracking.install_state import wallet_status
 
 if TYPE_CHECKING:
     from app.infra.db import Database
@@ -258,46 +258,6 @@ def customer_data(customer: Customer) -> dict[str, Any]:
     }
 
 
-def wallet_status(session: Session, customer_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
-    """Per customer, flat properties an email tool can segment on (wallet_status
-    none|apple|google|both, wallet_apple_installed, wallet_google_installed ...).
-
-    app/install_state.py owns the derivation; the fallback below (the same
-    keys, read straight from ``card_install_states``) serves until it is there.
-    """
-    try:
-        from app.tracking.install_state import wallet_status as derived
-    except ImportError:
-        return _wallet_status_fallback(session, list(dict.fromkeys(customer_ids)))
-    return derived(session, customer_ids)
-
-
-_STATE_RANK = {"installed": 3, "removed": 2, "downloaded": 1}
-
-
-def _wallet_status_fallback(session: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
-    result: dict[int, dict[str, Any]] = {cid: {} for cid in ids}
-    rows = session.execute(
-        select(Card.customer_id, CardInstallState.platform, CardInstallState.state)
-        .join(Card, Card.id == CardInstallState.card_id)
-        .where(Card.customer_id.in_(ids))).all() if ids else []
-    for customer_id, platform, state in rows:
-        key = f"wallet_{platform}_state"
-        if _STATE_RANK.get(state, 0) > _STATE_RANK.get(result[customer_id].get(key) or "", 0):
-            result[customer_id][key] = state
-    for status in result.values():
-        apple = status.get("wallet_apple_state") == "installed"
-        google = status.get("wallet_google_state") == "installed"
-        status.update({
-            "wallet_status": ("both" if apple and google else "apple" if apple
-                              else "google" if google else "none"),
-            "wallet_installed": apple or google, "wallet_apple_installed": apple,
-            "wallet_google_installed": google,
-            "wallet_apple_state": status.get("wallet_apple_state"),
-            "wallet_google_state": status.get("wallet_google_state")})
-    return result
-
-
 def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -318,6 +278,16 @@ def install(database: Database) -> None:
     database.listen("before_commit", _emit_pending)
     database.listen("after_commit", _forget_subscriptions)
     database.listen("after_rollback", _forget_rolled_back)
+    if _on_event not in database.subscribers:
+        database.subscribers.append(_on_event)
+
+
+def _on_event(session: Session, happened: events.Event) -> None:
+    """Domain events published by earlier stages, turned into webhook events."""
+    if isinstance(happened, events.ConsentRecorded):
+        consent_recorded(session, happened.customer, happened.consent)
+    else:
+        emit(session, happened.tenant_id, happened.type, happened.data)
 
 
 @dataclass
@@ -328,7 +298,7 @@ class _Pending:
 
 
 def consent_recorded(session: Session, customer: Customer, consent: Consent) -> None:
-    """Called by record_consent for a consent that differs from the current one."""
+    """A consent that differs from the current one (published by record_consent)."""
     tenant_id = customer.tenant_id or session.info.get(TENANT_KEY)
     if tenant_id is None or not subscribed(session, tenant_id, "consent.changed"):
         return
