@@ -18,7 +18,7 @@ from app.distribution.links import LinkExpired, LinkInvalid, LinkRevoked, LinkUs
 from app.infra.models import Customer, LinkToken, Program, Tenant, utcnow
 
 PUBLIC = "https://wallet.example.test"
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 # -- helpers ------------------------------------------------------------------------------

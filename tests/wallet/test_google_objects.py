@@ -14,7 +14,7 @@ from app.wallet.builder import CardInput
 from app.wallet.images import ImageCache
 from app.wallet.template import PassTemplate, TemplateError, TemplateLibrary
 from tests.google_standin import validate
-from tests.test_templates import make_template
+from tests.wallet.test_templates import make_template
 
 ISSUER = "3388000000012345678"
 LIB = TemplateLibrary(REPO_ROOT / "pass_templates", ImageCache())
@@ -89,7 +89,7 @@ def test_notification_text_is_localized() -> None:
 
 
 def test_google_part_must_name_known_variables(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tests.test_templates import TOML
+    from tests.wallet.test_templates import TOML
 
     make_template(tmp_path, toml=TOML + '\n[google]\npoints = "pointz"\n')
     with pytest.raises(TemplateError, match=r"\[google\] uses unknown variable.*pointz"):

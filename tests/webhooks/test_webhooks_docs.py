@@ -18,9 +18,9 @@ from app.infra.db import WEBHOOK_DISPATCH_KEY
 from app.infra.models import Card, Customer, Program, WebhookDelivery
 from app.tracking import install_state
 from app.webhooks import outbound as webhooks_out
-from tests.test_enrollment import _form, _texts
+from tests.distribution.test_enrollment import _form, _texts
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "webhooks.md"
 #: Free-form objects whose keys are the tenant's own (compared as "an object" only).
 FREE_FORM = {"data.customer.attributes"}
 _EXAMPLE = re.compile(r"<!-- payload: ([a-z.]+) -->\s*```json\n(.*?)\n```", re.S)

@@ -23,10 +23,16 @@ from app.infra.models import CrmConnection, CrmOutboxEntry, Customer, FunnelEven
 from tests import factories
 from tests.browser import ARTIFACTS, CHROMIUM, live_server
 from tests.crm_standin import CrmStandin
+from tests.distribution.test_platforms import (
+    ANDROID_CHROME,
+    DESKTOP_CHROME,
+    IPAD_OLD,
+    IPADOS,
+    IPHONE_SAFARI,
+)
 from tests.google_standin import GoogleStandin
 from tests.pkpass_check import verify_pkpass
 from tests.smtp_standin import SmtpStandin
-from tests.test_platforms import ANDROID_CHROME, DESKTOP_CHROME, IPAD_OLD, IPADOS, IPHONE_SAFARI
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None and not os.environ.get("PASSERELLE_REQUIRE_BROWSER"),

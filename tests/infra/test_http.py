@@ -8,7 +8,7 @@ import pytest
 
 from app.crm import CrmUnavailable, connector_for
 from app.infra import http
-from tests.test_crm import crm  # noqa: F401 - the CRM stand-in fixture
+from tests.crm.test_crm import crm  # noqa: F401 - the CRM stand-in fixture
 
 NOW = 1_700_000_000.0
 

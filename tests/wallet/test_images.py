@@ -450,7 +450,7 @@ def test_cache_errors_name_the_path(tmp_path: Path) -> None:
 
 # --- shipped template artwork ---------------------------------------------------------------
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "pass_templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "pass_templates"
 
 
 @pytest.mark.parametrize(

@@ -25,9 +25,7 @@ from app.infra.models import (
     utcnow,
 )
 from tests import factories
-from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
-from tests.pkpass_check import verify_pkpass
-from tests.test_platforms import (
+from tests.distribution.test_platforms import (
     ANDROID_CHROME,
     ANDROID_STOCK,
     ANDROID_TABLET,
@@ -39,6 +37,8 @@ from tests.test_platforms import (
     IPHONE_SAFARI,
     WINDOWS_PHONE,
 )
+from tests.google_standin import DEFAULT_ISSUER_ID, GoogleStandin
+from tests.pkpass_check import verify_pkpass
 
 SAVE_PREFIX = "https://pay.google.com/gp/v/save/"
 URL_ATTRIBUTES = re.compile(r'\b(?:href|src|action)="([^"]*)"')

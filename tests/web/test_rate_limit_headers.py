@@ -11,10 +11,10 @@ from app.admin import users as admin_users
 from app.distribution import links
 from app.infra.models import Program, Tenant, utcnow
 from app.web import hooks
+from tests.admin.test_admin import PASSWORD, login
 from tests.api_helpers import auth, make_key
-from tests.test_admin import PASSWORD, login
-from tests.test_landing import IPHONE_SAFARI, issue
-from tests.test_webhooks_in import _hook
+from tests.distribution.test_landing import IPHONE_SAFARI, issue
+from tests.webhooks.test_webhooks_in import _hook
 
 REFUSALS = (429, 503)
 

@@ -28,7 +28,7 @@ from app.infra.models import (
     utcnow,
 )
 from tests.browser import live_server
-from tests.test_platforms import IPHONE_SAFARI
+from tests.distribution.test_platforms import IPHONE_SAFARI
 
 JOIN = "/join/demo/rewards"
 HIDDEN = ("csrf_token", "lang", "texts", "campaign", "submission")

@@ -29,7 +29,7 @@ from app.infra.models import (
 from app.ops import retention
 from app.segments.segments import Segment
 from app.tracking import install_state
-from tests.test_segments import ids, world  # noqa: F401  (the segments' known population)
+from tests.segments.test_segments import ids, world  # noqa: F401  (the segments' known population)
 
 STATES = [None, "installed-apple", "installed-google", "installed-any", "removed",
           "downloaded-not-installed", "never-downloaded", "not-installed"]

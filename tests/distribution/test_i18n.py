@@ -151,7 +151,7 @@ def test_the_literal_text_check_can_fail() -> None:
 
 # -- gettext catalogues (app/translations/<lang>/LC_MESSAGES/messages.po) ---------------------
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

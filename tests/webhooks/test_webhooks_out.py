@@ -29,7 +29,7 @@ from app.webhooks import outbound as webhooks_out
 from tests import factories
 from tests.webhook_receiver import WebhookReceiver, signature_ok
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "webhooks.md"
 
 
 def _subscribe(services, tenant_id: int, url: str, *types: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
