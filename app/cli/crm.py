@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import click
+from sqlalchemy import inspect
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
@@ -42,7 +43,7 @@ def crm_group() -> None:
 @click.option("--mapping-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default=None, help="JSON object: customer field -> dotted path in the CRM record.")
 @click.option("--max-staleness-hours", type=click.FloatRange(
-                  0, column_max(CrmConnection.__table__.c.max_staleness_seconds) // 3600),
+                  0, column_max(inspect(CrmConnection).columns.max_staleness_seconds) // 3600),
               default=None, callback=lambda _ctx, _param, value: _finite(value),
               help="Serve the local copy this long when the CRM is down (default 24).")
 @click.option("--timeout-seconds", type=click.IntRange(1, 60), default=None,

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import click
 
 from app.cli.common import fail, needs_database, services, tenant
+
+if TYPE_CHECKING:
+    from app.infra.models import Tenant
 
 
 @click.group("google")
@@ -33,14 +39,16 @@ def google_configure(tenant_slug: str, issuer_id: str, service_account: str) -> 
 @needs_database
 def google_check(tenant_slug: str) -> None:
     """Verify the service account's credentials and its access to the issuer."""
-    from app.updates.google_client import GoogleApiError
+    from app.updates.google_client import GoogleApiError, GoogleWalletClient
     from app.updates.google_wallet import GoogleNotConfigured
 
     svc = services()
+    # Typed here while Services.google_client is not annotated (app/services.py).
+    google_client: Callable[[Tenant], GoogleWalletClient] = svc.google_client
     with svc.db.session() as session:
         row = tenant(session, tenant_slug)
         try:
-            client = svc.google_client(row)
+            client = google_client(row)
             client.check_issuer(str(row.google_issuer_id))
         except (GoogleNotConfigured, GoogleApiError) as exc:
             fail(str(exc))

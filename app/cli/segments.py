@@ -25,6 +25,12 @@ def _text(options: dict[str, object], name: str) -> str | None:
     return cast("str | None", options.get(name))
 
 
+def _day(options: dict[str, object], name: str) -> dt.datetime | None:
+    """A --*-from/--*-to day as its bound (``*_to`` days are inclusive)."""
+    value = options.get(name)
+    return None if value is None else parse_bound(name, f"{value:%Y-%m-%d}")
+
+
 def _number(options: dict[str, object], name: str) -> float | None:
     return cast("float | None", options.get(name))
 
@@ -54,16 +60,16 @@ def _segment_options(func: F) -> F:
 
 def _segment(program: Program, options: dict[str, object]) -> Segment:
     """A Segment from the shared options (dates are UTC days, `--*-to` inclusive)."""
-    bounds = {name: parse_bound(name, f"{value:%Y-%m-%d}")
-              for name in ("created_from", "created_to", "installed_from", "installed_to")
-              if (value := options.get(name)) is not None}
     try:
         return Segment(program_id=program.id, state=_text(options, "state"),
                        campaign=_text(options, "campaign"), tier=_text(options, "tier"),
                        points_min=_number(options, "points_min"),
                        points_max=_number(options, "points_max"),
                        include_without_consent=bool(options.get("include_without_consent")),
-                       **bounds)
+                       created_from=_day(options, "created_from"),
+                       created_to=_day(options, "created_to"),
+                       installed_from=_day(options, "installed_from"),
+                       installed_to=_day(options, "installed_to"))
     except ValueError as exc:
         fail(str(exc))
 
