@@ -30,8 +30,8 @@ def installs_rebuild(tenant_slug: str | None) -> None:
         counts = install_state.state_counts(session, tenant_id=tenant_id)
     click.echo(f"{written} card states rebuilt")
     click.echo(f"{'tenant':<16}{'program':<16}{'platform':<10}{'state':<12}{'cards':>10}")
-    for (tenant_slug_, program, platform, state), n in counts.items():
-        click.echo(f"{tenant_slug_:<16}{program:<16}{platform:<10}{state:<12}{n:>10}")
+    for (slug, program, platform, state), n in counts.items():
+        click.echo(f"{slug:<16}{program:<16}{platform:<10}{state:<12}{n:>10}")
 
 
 @click.command("prune")
