@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.schema import ScalarElementColumnDefault
 
 from app.crm.builtin import BuiltinConnector
 from app.crm.connector import Connector, CrmUnavailable
@@ -51,6 +52,22 @@ def connector_for(session: Session, services: Services, tenant_id: int) -> Conne
             per_tenant[tenant_id] = cached
     # Entry points that hold no transaction across HTTP get a connector that commits first.
     return db.before_outbound(session, cached[1])
+
+
+
+def connection_for_update(session: Session, tenant_id: int) -> CrmConnection:
+    """The tenant's CrmConnection to edit, added to the session if it has none yet.
+
+    A new row gets its columns' scalar defaults now, not at INSERT: a caller reading it
+    before the flush (e.g. to print a summary) would see None instead."""
+    row = session.scalar(select(CrmConnection).where(CrmConnection.tenant_id == tenant_id))
+    if row is None:
+        defaults = {column.key: column.default.arg
+                    for column in CrmConnection.__table__.columns
+                    if isinstance(column.default, ScalarElementColumnDefault)}
+        row = CrmConnection(tenant_id=tenant_id, mapping={}, **defaults)
+        session.add(row)
+    return row
 
 
 def _make_http(row: CrmConnection) -> HttpConnector:

@@ -100,6 +100,3 @@ class Connector(Protocol):
         Returns the CRM's id for a create if it assigns one. Raises CrmUnavailable,
         CrmRejected, or CrmNotFound (update of a customer the CRM does not have)."""
         ...
-
-
-# -- choosing a tenant's connector ------------------------------------------------------

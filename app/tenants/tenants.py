@@ -107,3 +107,21 @@ def create_program(session: Session, services: Services, tenant: Tenant, *, slug
     session.add(program)
     session.flush()
     return program
+
+
+def find_tenant(session: Session, slug: str) -> Tenant | None:
+    return session.scalar(select(Tenant).where(Tenant.slug == slug))
+
+
+def find_program(session: Session, tenant_slug: str, program_slug: str) -> Program | None:
+    return session.scalar(select(Program).join(Tenant).where(
+        Tenant.slug == tenant_slug, Program.slug == program_slug))
+
+
+def find_programs(session: Session, program_slug: str,
+                  tenant_slug: str | None = None) -> list[Program]:
+    """Every program with this slug (one per tenant at most), or only the named tenant's."""
+    query = select(Program).where(Program.slug == program_slug)
+    if tenant_slug:
+        query = query.join(Tenant).where(Tenant.slug == tenant_slug)
+    return list(session.scalars(query).all())

@@ -556,3 +556,14 @@ def _plain(number: Decimal) -> int | float:
 
 def _text(value: Any, limit: int) -> str:
     return str(value).strip()[:limit]
+
+
+def recent_events(session: Session, *, status: str | None = None,
+                  limit: int = 50) -> list[tuple[InboundEvent, str]]:
+    """In a tenant session: the newest received events with their hook's slug."""
+    query = (select(InboundEvent, InboundHook.slug)
+             .join(InboundHook, InboundHook.id == InboundEvent.hook_id)
+             .order_by(InboundEvent.id.desc()).limit(limit))
+    if status:
+        query = query.where(InboundEvent.status == status)
+    return [(item, hook_slug) for item, hook_slug in session.execute(query)]

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import requests
-from sqlalchemy import event, inspect, select
+from sqlalchemy import event, inspect, or_, select
 from sqlalchemy.orm import Session
 
 from app.infra import events, netguard, outbox
@@ -526,3 +526,51 @@ def redeliver(session: Session, delivery_id: int) -> WebhookDelivery:
     session.flush()
     outbox.queue_after_commit(session, WEBHOOK_DISPATCH_KEY, [copy.id])
     return copy
+
+
+# -- the operator's views (passerelle webhooks ...) -------------------------------------
+
+def list_subscriptions(session: Session,
+                       tenant_slug: str | None = None) -> list[tuple[WebhookSubscription, str]]:
+    """Every subscription with its tenant's slug, oldest first; only one tenant's if named."""
+    query = (select(WebhookSubscription, Tenant.slug)
+             .join(Tenant, Tenant.id == WebhookSubscription.tenant_id)
+             .order_by(WebhookSubscription.id))
+    if tenant_slug:
+        query = query.where(Tenant.slug == tenant_slug)
+    return [(sub, slug) for sub, slug in session.execute(query)]
+
+
+def recent_deliveries(session: Session, *, failed: bool = False,
+                      limit: int = 50) -> list[tuple[WebhookDelivery, list[int | None]]]:
+    """In a tenant session: the newest deliveries with each attempt's HTTP status (None
+    when no answer came). ``failed``: given up, cancelled, or failing and still retried."""
+    query = select(WebhookDelivery).order_by(WebhookDelivery.id.desc()).limit(limit)
+    if failed:
+        query = query.where(or_(WebhookDelivery.outcome.in_(("gave_up", "cancelled")),
+                                WebhookDelivery.last_error.is_not(None)
+                                & WebhookDelivery.done_at.is_(None)))
+    deliveries = session.scalars(query).all()
+    codes: dict[int, list[int | None]] = {delivery.id: [] for delivery in deliveries}
+    shown = query.with_only_columns(WebhookDelivery.id).subquery()
+    for delivery_id, status in session.execute(
+            select(WebhookAttempt.delivery_id, WebhookAttempt.status)
+            .where(WebhookAttempt.delivery_id.in_(select(shown.c.id)))
+            .order_by(WebhookAttempt.id)):
+        codes.setdefault(delivery_id, []).append(status)
+    return [(delivery, codes[delivery.id]) for delivery in deliveries]
+
+
+def delivery_tenant(session: Session, delivery_id: int) -> int | None:
+    """The tenant owning a delivery (None if there is none), to open its tenant session."""
+    return session.scalar(select(WebhookDelivery.tenant_id)
+                          .where(WebhookDelivery.id == delivery_id))
+
+
+def set_subscription_active(session: Session, subscription_id: int, active: bool) -> bool:
+    """Enable or disable a subscription; False if there is none with this id."""
+    sub = session.get(WebhookSubscription, subscription_id)
+    if sub is None:
+        return False
+    sub.active = active
+    return True

@@ -461,3 +461,28 @@ def test_commands_add_list_deliveries_redeliver(runner, services, demo) -> None:
     assert disabled.exit_code == 0
     with services.db.session() as session:
         assert session.get(WebhookSubscription, sub.id).active is False
+
+
+def test_recent_deliveries_newest_first_with_their_own_attempt_statuses(  # type: ignore[no-untyped-def]
+        services, demo) -> None:
+    _no_dispatch(services)
+    tenant_id = demo["tenant_id"]
+    _subscribe(services, tenant_id, "https://hooks.example.test/x", "customer.updated")
+    _change_points(services, tenant_id, 8)
+    _change_points(services, tenant_id, 9)
+    deliveries = _deliveries(services)
+    assert len(deliveries) >= 2
+    oldest, newest = deliveries[0], deliveries[-1]
+    with services.db.transaction(tenant_id) as session:
+        for delivery_id, status in ((oldest.id, 500), (newest.id, 200), (oldest.id, None)):
+            session.add(WebhookAttempt(tenant_id=tenant_id, delivery_id=delivery_id,
+                                       status=status))
+        session.get(WebhookDelivery, oldest.id).outcome = "gave_up"
+    with services.db.tenant_session(tenant_id) as session:
+        listed = [(d.id, codes) for d, codes in webhooks_out.recent_deliveries(session)]
+        assert listed[0] == (newest.id, [200]) and listed[-1] == (oldest.id, [500, None])
+        assert [d.id for d in deliveries][::-1] == [d_id for d_id, _ in listed]
+        assert [(d.id, codes) for d, codes in webhooks_out.recent_deliveries(session, limit=1)] \
+            == [(newest.id, [200])]
+        assert [(d.id, codes) for d, codes in webhooks_out.recent_deliveries(
+            session, failed=True)] == [(oldest.id, [500, None])]
