@@ -784,6 +784,10 @@ def test_webhook_deliveries_and_attempts(app, services, world) -> None:  # type:
     assert "card.installed" not in client.get("/admin/webhooks?status=delivered").get_data(
         as_text=True).split('id="deliveries-title"')[1]
     assert client.get("/admin/webhooks?status=bogus").status_code == 400
+    filtered = client.get("/admin/webhooks?status=failing")
+    # The filter reaches the template (marked current), not the HTTP status line.
+    assert filtered.status_code == 200
+    assert ('status=failing" aria-current="page"' in filtered.get_data(as_text=True))
     detail = client.get(f"/admin/webhooks/deliveries/{world['a_delivery']}").get_data(as_text=True)
     assert "evt-a" in detail and "12 ms" in detail
 

@@ -197,9 +197,11 @@ def _headers(response: Response) -> Response:
         "frame-ancestors 'none'; base-uri 'none'"))
 
 
-def _page(template: str, status: int = 200, **context: Any) -> tuple[str, int]:
+def _page(template: str, http_status: int = 200, /, **context: Any) -> tuple[str, int]:
+    # Positional-only: a template variable named `status` (the webhooks filter) reaches the
+    # template instead of becoming the HTTP status.
     return render_template(f"admin/{template}", admin=g.get("admin"),
-                           csp_nonce=g.get("csp_nonce", ""), **context), status
+                           csp_nonce=g.get("csp_nonce", ""), **context), http_status
 
 
 def _audit(action: str, target: str | None = None, details: dict[str, Any] | None = None,
