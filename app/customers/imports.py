@@ -30,9 +30,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.customers.customers import (
@@ -276,7 +276,7 @@ def _claim(session: Session, job_id: int, now: dt.datetime) -> bool:
                    and_(ImportJob.status == "running", ImportJob.claimed_until < now)))
         .values(status="running", claimed_until=now + LEASE, attempts=ImportJob.attempts + 1)
         .execution_options(synchronize_session=False))
-    return taken.rowcount == 1  # type: ignore[attr-defined]
+    return cast("CursorResult[Any]", taken).rowcount == 1  # an UPDATE's result
 
 
 class _Heartbeat:

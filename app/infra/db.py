@@ -170,14 +170,15 @@ def _scope_to_tenant(state: ORMExecuteState) -> None:
 
 
 @event.listens_for(Session, "before_flush")
-def _refuse_foreign_writes(session: Session, _ctx, _instances) -> None:  # type: ignore[no-untyped-def]
+def _refuse_foreign_writes(session: Session, _ctx: object, _instances: object) -> None:
     """A tenant session may only insert or change its own tenant's rows."""
     tenant_id = session.info.get(TENANT_KEY)
     if tenant_id is None:
         return
     for obj in list(session.new) + list(session.dirty) + list(session.deleted):
         if isinstance(obj, TenantOwned):
-            if obj.tenant_id is None and obj in session.new:
+            # Mapped[int], yet None until the insert when the code left it to the session.
+            if cast("int | None", obj.tenant_id) is None and obj in session.new:
                 obj.tenant_id = tenant_id
             elif obj.tenant_id != tenant_id:
                 raise PermissionError(

@@ -14,7 +14,7 @@ import csv
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
 from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
@@ -36,7 +36,8 @@ def count_customers(session: Session, program: Program) -> int:
         Customer.tenant_id == program.tenant_id)) or 0
 
 
-def _pages(session: Session, tenant_id: int, size: int) -> Iterator[Sequence[Row[Any]]]:
+def _pages(session: Session, tenant_id: int,
+           size: int) -> Iterator[Sequence[Row[int, int, str, str | None]]]:
     """Customers by id, a page at a time, as plain rows (no ORM objects to build or track)."""
     last_id = 0
     while True:

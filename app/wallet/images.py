@@ -33,7 +33,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 try:  # LittleCMS is optional in Pillow builds; without it we fall back to naive conversion.
     from PIL import ImageCms
@@ -159,7 +159,7 @@ def _open(source: bytes, name: str) -> Image.Image:
         return ImageOps.exif_transpose(im)
     except ImageError:
         raise
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise ImageError(
             f"{name}: not a readable image (supported formats: {', '.join(ALLOWED_FORMATS)})"
         ) from None

@@ -234,4 +234,4 @@ def _is_rgb(value: str) -> bool:
 def _type_name(expected: Any) -> str:
     if isinstance(expected, tuple):
         return " or ".join(t.__name__ for t in expected)
-    return expected.__name__
+    return str(expected.__name__)

@@ -53,8 +53,9 @@ class RowIdConverter(IntegerConverter):
 
     def json_schema(self) -> dict[str, Any]:
         """How the OpenAPI document describes this argument."""
-        return {"type": "integer", "format": "int64" if self.max > 2**31 - 1 else "int32",
-                "minimum": self.min, "maximum": self.max}
+        return {"type": "integer",
+                "format": "int64" if bounds.ROW_ID_MAX > 2**31 - 1 else "int32",
+                "minimum": bounds.ROW_ID_MIN, "maximum": bounds.ROW_ID_MAX}
 
 
 def register(app: Flask) -> None:
