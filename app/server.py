@@ -67,7 +67,7 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
         waitress_serve(create_app(), host=host, port=port, threads=threads)
         return
 
-    class Server(BaseApplication):  # type: ignore[misc]
+    class Server(BaseApplication):
         def load_config(self) -> None:
             for name, value in options(host, port, workers, threads).items():
                 self.cfg.set(name, value)

@@ -19,6 +19,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import BaseModel
 from spectree import Response as SpecResponse
 from spectree import SecurityScheme, SecuritySchemeData, SpecTree
+from spectree.models import SecureType
 from spectree.plugins.flask_plugin import FlaskPlugin
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
@@ -96,7 +97,7 @@ spec = SpecTree(
     annotations=False,
     page_templates={},
     security_schemes=[SecurityScheme(name="apiKey", data=SecuritySchemeData(
-        type="http", scheme="bearer", bearer_format="pk_<prefix>_<secret>",
+        type=SecureType.HTTP, scheme="bearer", bearer_format="pk_<prefix>_<secret>",
         description="A tenant API key (`passerelle apikeys create`)."))],
     security={"apiKey": []},
     before=_problem_on_invalid,

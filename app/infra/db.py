@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import CursorResult, Result, Table, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
@@ -153,6 +153,18 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
 
 def _json_utf8(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched (Session.execute types its result as the
+    general Result; a DML statement's is a CursorResult)."""
+    return cast("CursorResult[Any]", result).rowcount
+
+
+def table_of(model: type[Any]) -> Table:
+    """A mapped class's Table, for Core inserts and updates (``__table__`` is typed as
+    any FromClause, our models' is always a Table)."""
+    return cast(Table, model.__table__)
 
 
 @event.listens_for(Session, "do_orm_execute")

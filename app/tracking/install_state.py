@@ -211,7 +211,7 @@ def _announce(session: Session, card: Card, row: CardInstallState,
 def _emitter() -> Callable[[Session, int, str, dict[str, Any]], None] | None:
     """app/webhooks_out.py's emit; None while that module does not exist."""
     try:
-        from app.webhooks import outbound as webhooks_out  # type: ignore[attr-defined]
+        from app.webhooks import outbound as webhooks_out
     except ModuleNotFoundError as exc:
         if exc.name == "app.webhooks.outbound":
             return None
@@ -356,11 +356,11 @@ def _rebuild_chunk(session: Session, card_ids: list[int]) -> int:
         select(CardInstallState).where(CardInstallState.card_id.in_(card_ids))
         .execution_options(populate_existing=True))}
     events: dict[tuple[int, str], list[LoggedEvent]] = defaultdict(list)
-    for card_id, platform, *rest in session.execute(
+    for card_id, platform, event_id, kind, device, occurred_at in session.execute(
             select(InstallEvent.card_id, InstallEvent.platform, InstallEvent.id,
                    InstallEvent.kind, InstallEvent.device, InstallEvent.occurred_at)
             .where(InstallEvent.card_id.in_(card_ids))):
-        events[(card_id, platform)].append(LoggedEvent(*rest))
+        events[(card_id, platform)].append(LoggedEvent(event_id, kind, device, occurred_at))
     cards = {card_id: (tenant, program, customer)
              for card_id, tenant, program, customer in session.execute(
                  select(Card.id, Card.tenant_id, Card.program_id, Card.customer_id)

@@ -82,7 +82,7 @@ def authenticate(session: Session, pass_type: str, serial: str, header: str | No
 def parse_push_token(body: object) -> str:
     if not isinstance(body, dict) or not isinstance(body.get("pushToken"), str):
         raise BadRequest('body must be JSON like {"pushToken": "<hex>"}')
-    token = body["pushToken"]
+    token: str = body["pushToken"]
     if not PUSH_TOKEN.match(token):
         raise BadRequest("malformed pushToken")
     return token

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, joinedload
@@ -211,7 +212,8 @@ class _VersionRecorder:
         self.known[card.id] = (card.content_hash, card.version, card.last_modified)
 
     def record(self, results: list[_Result]) -> list[str]:
-        updates, errors = [], []
+        updates: list[dict[str, Any]] = []  # executemany parameters
+        errors: list[str] = []
         for card_id, content_hash, error in results:
             old_hash, version, last_modified = self.known.pop(card_id)
             if error is not None:

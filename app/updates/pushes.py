@@ -43,11 +43,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Integer, any_, delete, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    SQLColumnExpression,
+    any_,
+    delete,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from app.infra import outbox
+from app.infra.db import rowcount, table_of
 from app.infra.http import transient
 from app.infra.models import (
     AppleIdentity,
@@ -105,7 +116,8 @@ class Drained:
                              else min(self.retry_in, delivery.retry_in))
 
 
-def _among(session: Session, column: Any, ids: Iterable[int]) -> ColumnElement[bool]:
+def _among(session: Session, column: SQLColumnExpression[int],
+           ids: Iterable[int]) -> ColumnElement[bool]:
     """``column IN ids``. On PostgreSQL as ``= ANY(:array)``: one parameter instead of
     a thousand, so the statement is compiled and parsed once, not per batch."""
     ids = list(ids)
@@ -200,7 +212,7 @@ def release_held(services: Services) -> int:
             update(PushJob).where(_among(session, PushJob.id, ids), PushJob.done_at.is_(None))
             .values(claimed_until=None).execution_options(synchronize_session=False))
         session.commit()
-    count: int = released.rowcount  # type: ignore[attr-defined]
+    count = rowcount(released)
     log.warning("released %d push job(s) still in flight at shutdown", count)
     return count
 
@@ -296,8 +308,8 @@ def _deliver_apple(services: Services, jobs: list[_Job], now: dt.datetime) -> li
                 log.error("%s", reason)
                 answers = [PushResult(t, None, reason, None) for t in tokens]
                 problem = None
-            for answer in answers:
-                results[(pass_type, answer.push_token)] = answer
+            for pushed in answers:
+                results[(pass_type, pushed.push_token)] = pushed
             if identity is not None:
                 _record_apns_status(session, identity, problem)
                 if problem is not None:
@@ -327,7 +339,7 @@ def _deliver_apple(services: Services, jobs: list[_Job], now: dt.datetime) -> li
                 elif answer.outcome == "credentials":
                     log.error("APNs refused certificate for %s: %s", pass_type, answer.reason)
         if attempts:  # Core insert: the ORM's bulk path costs more than the rows do
-            session.execute(insert(PushAttempt.__table__), attempts)
+            session.execute(insert(table_of(PushAttempt)), attempts)
         for reason, ids in flagged.items():
             session.execute(update(Registration).where(Registration.id.in_(ids))
                             .values(push_problem=reason, updated_at=now)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -26,7 +26,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from app.cards import cards
 from app.infra import outbox
-from app.infra.db import PUSH_DISPATCH_KEY
+from app.infra.db import PUSH_DISPATCH_KEY, table_of
 from app.infra.models import (
     AppleIdentity,
     Card,
@@ -222,7 +222,7 @@ def _record_versions(session: Session,
     store_signed(session, [(card.id, content_hash, pass_json, signature)
                            for card, content_hash, pass_json, signature in changed
                            if pass_json is not None and signature is not None])
-    rows = []
+    rows: list[dict[str, Any]] = []  # executemany parameters
     for card, content_hash, _, _ in changed:
         rows.append({"card_id": card.id, "new_hash": content_hash,
                      "new_version": card.version + 1,
@@ -231,7 +231,7 @@ def _record_versions(session: Session,
     # Tags last: the counter row stays locked until the caller commits.
     for row, tag in zip(rows, reserve_update_tags(session, len(rows))):
         row["new_tag"] = tag
-    table = Card.__table__
+    table = table_of(Card)
     session.connection().execute(
         table.update().where(table.c.id == bindparam("card_id"))
         .values(content_hash=bindparam("new_hash"), version=bindparam("new_version"),

@@ -161,7 +161,7 @@ def _session_data() -> dict[str, Any] | None:
     if not isinstance(data, dict):
         return None
     try:
-        parsed = {"uid": int(data["uid"]), "tid": int(data["tid"]), "fp": str(data["fp"]),
+        parsed: dict[str, Any] = {"uid": int(data["uid"]), "tid": int(data["tid"]), "fp": str(data["fp"]),
                   "at": float(data["at"])}
     except (KeyError, TypeError, ValueError):
         return None

@@ -46,7 +46,7 @@ def index():  # type: ignore[no-untyped-def]
         card_rows = session.scalars(select(Card)).all()
         by_key = {(c.program_id, c.customer_id): c.serial_number for c in card_rows}
         tenant = session.get(Tenant, tenant_id)
-        google = bool(tenant.google_issuer_id and tenant.google_service_account_file)
+        google = bool(tenant and tenant.google_issuer_id and tenant.google_service_account_file)
         return render_template("demo.html", tenant=tenant, programs=programs,
                                customers=customers, serials=by_key, google=google)
 
