@@ -22,6 +22,7 @@ import re
 from typing import Any, cast
 
 from flask import Flask, current_app, jsonify, request
+from flask.typing import ResponseReturnValue
 from flask_swagger_ui import get_swaggerui_blueprint
 from sqlalchemy.exc import IntegrityError
 
@@ -65,12 +66,12 @@ def _limit_body_size() -> None:
 
 
 @bp.errorhandler(ApiProblem)
-def _api_problem(exc: ApiProblem):  # type: ignore[no-untyped-def]
+def _api_problem(exc: ApiProblem) -> ResponseReturnValue:
     return problem_response(exc.status, exc.title, exc.detail, exc.headers)
 
 
 @bp.errorhandler(IntegrityError)
-def _conflict(_exc: IntegrityError):  # type: ignore[no-untyped-def]
+def _conflict(_exc: IntegrityError) -> ResponseReturnValue:
     """Two writers raced on a unique key: the loser is told to retry, not given a 500."""
     from flask import g
 
@@ -82,7 +83,7 @@ def _conflict(_exc: IntegrityError):  # type: ignore[no-untyped-def]
 
 
 @bp.get("/openapi.json")
-def openapi_json():  # type: ignore[no-untyped-def]
+def openapi_json() -> ResponseReturnValue:
     """The OpenAPI 3.1 document (generated; not part of itself)."""
     return jsonify(openapi_document(current_app))
 

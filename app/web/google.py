@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, abort, request, send_file
+from flask.typing import ResponseReturnValue
 
 from app.infra.models import utcnow
 from app.wallet.images import ROLES
@@ -31,7 +32,7 @@ def robots() -> Response:
 
 
 @bp.get("/google/images/<template>/<role>.png")
-def image(template: str, role: str):  # type: ignore[no-untyped-def]
+def image(template: str, role: str) -> ResponseReturnValue:
     """Template artwork Google fetches for classes and objects (no personal data)."""
     if role not in ROLES:
         abort(404)
@@ -47,7 +48,7 @@ def image(template: str, role: str):  # type: ignore[no-untyped-def]
 
 
 @bp.post("/google/callback/<issuer_id>")
-def callback(issuer_id: str):  # type: ignore[no-untyped-def]
+def callback(issuer_id: str) -> ResponseReturnValue:
     from app.tracking.google_callbacks import CallbackError, verify_callback
     from app.updates.google_wallet import apply_callback, issuer_configured
 
