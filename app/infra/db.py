@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Result, Table, create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
 from app.infra import logs, outbox
@@ -141,7 +142,7 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
                                json_serializer=_json_utf8, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: object) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
