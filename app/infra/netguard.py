@@ -76,7 +76,7 @@ class _CheckPeer:
     """Mixed into urllib3's connections: refuse the socket if its peer is not public."""
 
     def _new_conn(self) -> Any:
-        sock = super()._new_conn()  # type: ignore[misc]
+        sock = super()._new_conn()  # type: ignore[misc]  # a mixin: urllib3's class is next
         peer = sock.getpeername()[0]
         if not is_public(peer):
             sock.close()

@@ -41,7 +41,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -497,7 +497,7 @@ def _deliver_google(services: Services, jobs: list[_Job], now: dt.datetime) -> l
 
 def _sync_google(services: Services, job: _Job) -> str:
     """One card's object: "done", "retry" (429/5xx/network) or "failed"."""
-    from app.updates.google_client import GoogleApiError
+    from app.updates.google_client import GoogleApiError, GoogleWalletClient
     from app.updates.google_wallet import GoogleNotConfigured, sync_object
 
     with services.db.session() as session:
@@ -506,7 +506,8 @@ def _sync_google(services: Services, job: _Job) -> str:
             return "done"
         try:
             client = services.google_client(card.program.tenant)
-            sync_object(session, services, _Throttled(client), card)  # type: ignore[arg-type]
+            # _Throttled forwards the client's REST methods through __getattr__.
+            sync_object(session, services, cast("GoogleWalletClient", _Throttled(client)), card)
             session.commit()
         except GoogleNotConfigured:
             return "done"  # Google was switched off for this tenant: nothing to update

@@ -43,6 +43,7 @@ from app.infra.models import (
 if TYPE_CHECKING:
     from app.services import Services
     from app.updates.bulk import Rendered, RenderJob, RenderPool
+    from app.wallet.builder import PassBuilder
 
 UPDATE_TAG = "card_update_tag"
 
@@ -162,7 +163,7 @@ class CardRefresher:
         session.flush()  # cards just created need their ids
         signed = _fetched_by_devices(session, [card.id for card in targets])
         by_config: dict[bulk.RenderConfig, list[RenderJob]] = {}
-        builders: dict[bulk.RenderConfig, object] = {}
+        builders: dict[bulk.RenderConfig, PassBuilder] = {}
         identities: dict[int, AppleIdentity | Exception] = {}
         by_id: dict[int, Card] = {}
         for card in targets:
@@ -192,13 +193,13 @@ class CardRefresher:
                 rendered += self.pool.render(config, jobs)
             else:
                 builder = builders[config]
-                rendered += [bulk.render_one(builder, job) for job in jobs]  # type: ignore[arg-type]
+                rendered += [bulk.render_one(builder, job) for job in jobs]
         changed: list[tuple[Card, str, bytes | None, bytes | None]] = []
         for card_id, content_hash, pass_json, signature, error in rendered:
             if error is not None:
                 result.errors.append(error)
-            elif content_hash != by_id[card_id].content_hash:
-                changed.append((by_id[card_id], content_hash, pass_json, signature))  # type: ignore[arg-type]
+            elif content_hash is not None and content_hash != by_id[card_id].content_hash:
+                changed.append((by_id[card_id], content_hash, pass_json, signature))
         if changed:
             _record_versions(session, changed)
             result.changed = [card for card, *_ in changed]

@@ -38,7 +38,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 try:  # LittleCMS is optional in Pillow builds; without it we fall back to naive conversion.
     from PIL import ImageCms
 except ImportError:  # pragma: no cover - depends on how Pillow was built
-    ImageCms = None  # type: ignore[assignment]
+    ImageCms = None  # type: ignore[assignment]  # a module or None; callers test for None
 
 log = logging.getLogger(__name__)
 
