@@ -28,10 +28,10 @@ import io
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from babel import Locale, UnknownLocaleError
 from email_validator import EmailNotValidError, validate_email
@@ -312,11 +312,11 @@ class UpsertBatch:
              emails: set[str]) -> UpsertBatch:
         customers = {c.external_id: c for c in session.scalars(select(Customer).where(
             Customer.tenant_id == tenant_id, Customer.external_id.in_(external_ids)))}
-        owners = dict(session.execute(
+        owners = {email: external_id for email, external_id in session.execute(
             select(Customer.email, Customer.external_id)
-            .where(Customer.tenant_id == tenant_id, Customer.email.in_(emails))).all()) \
-            if emails else {}
-        return cls(customers, owners)  # type: ignore[arg-type]
+            .where(Customer.tenant_id == tenant_id, Customer.email.in_(emails)))
+            if email is not None} if emails else {}
+        return cls(customers, owners)
 
 
 def find_customer(session: Session, tenant_id: int, external_id: str) -> Customer | None:
@@ -540,9 +540,17 @@ def parse_rows(text: str, source: str) -> tuple[list[str], Iterator[_Row | RowEr
     return header, _iter_rows(reader, header)
 
 
-def _iter_rows(reader: Iterable[list[str]], header: list[str]) -> Iterator[_Row | RowError]:
+class _CsvReader(Protocol):
+    """csv.reader's object: rows, and the source line it read last."""
+
+    line_num: int
+
+    def __iter__(self) -> Iterator[list[str]]: ...
+
+
+def _iter_rows(reader: _CsvReader, header: list[str]) -> Iterator[_Row | RowError]:
     for cells in reader:
-        line = reader.line_num  # type: ignore[attr-defined]
+        line = reader.line_num
         if not any(c.strip() for c in cells):
             continue
         if len(cells) != len(header):

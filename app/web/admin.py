@@ -37,7 +37,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from flask import (
     Blueprint,
@@ -127,8 +127,8 @@ def requires(role: str) -> Callable[[F], F]:
                 abort(403, description=f"This page needs the {role} role.")
             return view(*args, **kwargs)
 
-        wrapper.admin_role = role  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        vars(wrapper)["admin_role"] = role  # a function attribute, read as view.admin_role
+        return cast(F, wrapper)  # wraps() kept the view's name and signature
 
     return decorate
 
