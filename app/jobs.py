@@ -184,7 +184,7 @@ class JobQueue:
         for row_id in row_ids:
             try:
                 getattr(self, task)(row_id)
-            except Exception:  # noqa: BLE001 - the sweeper will find the row
+            except Exception:  # the sweeper will find the row
                 log.exception("could not queue %s %s; the sweeper will retry", what, row_id)
 
     def dispatch(self, job_ids: list[int]) -> None:
@@ -193,7 +193,7 @@ class JobQueue:
             return
         try:
             self._drain(len(job_ids))
-        except Exception:  # noqa: BLE001 - the sweeper will find the rows
+        except Exception:  # the sweeper will find the rows
             log.exception("could not queue a drain of %d push jobs; the sweeper will retry",
                           len(job_ids))
 

@@ -841,7 +841,7 @@ def test_health_shows_certificates_push_failures_and_queues(app, services, world
     assert "pass.dev.passerelle.demo" in body
     expires = re.search(r"<code>pass.dev.passerelle.demo</code></td>\s*<td>(\d{4}-\d\d-\d\d)</td>",
                         body)
-    assert expires and dt.date.fromisoformat(expires.group(1)) > dt.date.today()
+    assert expires and dt.date.fromisoformat(expires.group(1)) > dt.datetime.now(dt.UTC).date()
     assert "BadDeviceToken" in body and serial in body
     queues = body.split('id="queues"')[1].split("</section>")[0]
     assert re.search(r"Apple pushes</th><td class=\"num\">1<", queues)

@@ -110,7 +110,7 @@ def _path_argument_schemas(app: Flask) -> dict[str, dict[str, dict[str, Any]]]:
         if not rule.endpoint.startswith("api."):
             continue
         path = re.sub(r"<(?:[^<>]*:)?([A-Za-z_][A-Za-z0-9_]*)>", r"{\1}", rule.rule)
-        for name, converter in rule._converters.items():  # noqa: SLF001 - werkzeug's own map
+        for name, converter in rule._converters.items():  # werkzeug's own map
             describe = getattr(converter, "json_schema", None)
             if describe is not None:
                 found.setdefault(path, {})[name] = describe()

@@ -137,7 +137,7 @@ def parse_birthday(value: str) -> dt.date:
         day = dt.date.fromisoformat(value.strip())
     except ValueError:
         raise CustomerDataError(f"birthday: {value!r} is not a date (use YYYY-MM-DD)") from None
-    if not dt.date(1900, 1, 1) <= day <= dt.date.today():
+    if not dt.date(1900, 1, 1) <= day <= dt.datetime.now(dt.UTC).date():
         raise CustomerDataError(f"birthday: {value!r} is out of range")
     return day
 

@@ -250,7 +250,7 @@ def run_job(services: Services, job_id: int,
     except ImportFileError as exc:
         status = "failed"
         errors = [(0, str(exc).replace(str(path), "the file"))]
-    except Exception:  # noqa: BLE001 - a job must end in a state people can read
+    except Exception:  # a job must end in a state people can read
         log.exception("import job %s failed", job_id)
         status = "failed"
         errors = [(0, "internal error while importing; the rows before it are kept")]
@@ -305,7 +305,7 @@ class _Heartbeat:
                                     .where(ImportJob.id == self.job_id,
                                            ImportJob.status == "running")
                                     .values(claimed_until=utcnow() + LEASE))
-            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+            except Exception:  # a missed beat is retried at the next one
                 log.warning("could not renew the lease of import job %s", self.job_id,
                             exc_info=True)
 

@@ -30,7 +30,7 @@ from app.infra.http import new_session
 ALLOW_HINT = "set PASSERELLE_WEBHOOK_ALLOW_PRIVATE_NETWORKS=true to allow private receivers"
 
 
-class BlockedAddress(Exception):  # noqa: N818 - reads as what happened
+class BlockedAddress(Exception):  # reads as what happened
     """A connection reached an address outside the public internet.
 
     Not an OSError on purpose: urllib3 would take it for a network hiccup and

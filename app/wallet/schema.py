@@ -167,7 +167,8 @@ def _style_problems(style: str, body: dict[str, Any], strings: dict[str, dict[st
             yield from _field_problems(f"{style}.{group}", field, seen_keys, strings)
 
 
-def _field_problems(where: str, field: Any, seen: set[str], strings: dict[str, dict[str, str]]) -> Iterator[str]:
+def _field_problems(where: str, field: Any, seen: set[str],
+                    strings: dict[str, dict[str, str]]) -> Iterator[str]:
     if not isinstance(field, dict):
         yield f"{where} entries must be objects"
         return

@@ -255,7 +255,7 @@ def _locked_for(key: str) -> int | None:
         if strategy.test(LOCKOUT, _LOCKOUT_NAMESPACE, key):
             return None
         reset = strategy.get_window_stats(LOCKOUT, _LOCKOUT_NAMESPACE, key).reset_time
-    except Exception:  # noqa: BLE001 - storage errors must not become 500s on sign-in
+    except Exception:  # storage errors must not become 500s on sign-in
         log.warning("sign-in lockout storage unavailable", exc_info=True)
         return None
     return max(int(reset - time.time()), 1)
@@ -267,7 +267,7 @@ def _count_failure(key: str, *, clear: bool = False) -> None:
             _strategy().clear(LOCKOUT, _LOCKOUT_NAMESPACE, key)
         else:
             _strategy().hit(LOCKOUT, _LOCKOUT_NAMESPACE, key)
-    except Exception:  # noqa: BLE001 - see _locked_for
+    except Exception:  # see _locked_for
         log.warning("sign-in lockout storage unavailable", exc_info=True)
 
 

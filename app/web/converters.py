@@ -42,7 +42,7 @@ class RowIdConverter(IntegerConverter):
 
     regex = up_to(bounds.ROW_ID_MAX)
 
-    def __init__(self, map: Map) -> None:  # noqa: A002 - werkzeug's name
+    def __init__(self, map: Map) -> None:  # werkzeug's name
         super().__init__(map, min=bounds.ROW_ID_MIN, max=bounds.ROW_ID_MAX)
 
     def to_python(self, value: str) -> Any:
