@@ -42,4 +42,4 @@ def init(app: Flask, *, secure_cookie: bool, machine_blueprints: list[Blueprint]
     for registered in app.blueprints.values():
         prefix = registered.url_prefix or ""
         if prefix == API_PREFIX.rstrip("/") or prefix.startswith(API_PREFIX):
-            csrf.exempt(blueprint)
+            csrf.exempt(registered)
