@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> Flask:
               machine_blueprints=[passkit.bp, google.bp])
     if settings.trusted_proxies > 0:
         hops = settings.trusted_proxies
+        # Flask's documented way to add WSGI middleware replaces this method.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops,  # type: ignore[method-assign]
                                 x_host=hops)
     return app

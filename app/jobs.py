@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from huey import Huey, RedisHuey, SqliteHuey, crontab
 from huey.api import TaskWrapper
+from huey.consumer import Consumer
 
 from app.crm import outbox as crm_outbox
 from app.customers import imports
@@ -29,6 +30,9 @@ from app.infra.config import Settings
 from app.ops import retention
 from app.updates import pushes
 from app.webhooks import outbound as webhooks_out
+
+if TYPE_CHECKING:
+    from app.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -40,33 +44,33 @@ DRAIN_CHAINS = 4
 Attempt = tuple[str, "float | None", Iterable[int]]
 
 
-def _webhook(services: Any, delivery_id: int) -> Attempt:
+def _webhook(services: Services, delivery_id: int) -> Attempt:
     result = webhooks_out.deliver(services, delivery_id)
     return result.state, result.retry_in, ()
 
 
-def _crm_write(services: Any, entry_id: int) -> Attempt:
+def _crm_write(services: Services, entry_id: int) -> Attempt:
     outcome = crm_outbox.attempt(services, entry_id)
     return outcome.state, outcome.retry_in, outcome.unblocked  # the customer's next write
 
 
-def _card_mail(services: Any, entry_id: int) -> Attempt:
+def _card_mail(services: Services, entry_id: int) -> Attempt:
 
     sent = card_mail.attempt(services, entry_id)
     return sent.state, sent.retry_in, ()
 
 
-def _import(services: Any, job_id: int) -> Attempt:
+def _import(services: Services, job_id: int) -> Attempt:
 
     return imports.run_job(services, job_id), None, ()
 
 
-def _import_sweep(services: Any) -> list[int]:
+def _import_sweep(services: Services) -> list[int]:
 
     return imports.sweep(services)
 
 
-def _card_mail_sweep(services: Any) -> list[int]:
+def _card_mail_sweep(services: Services) -> list[int]:
 
     return card_mail.due_entries(services)
 
@@ -74,10 +78,10 @@ def _card_mail_sweep(services: Any) -> list[int]:
 class JobQueue:
     """One Huey instance and its tasks, bound to one Services object."""
 
-    def __init__(self, settings: Settings, services_factory: Callable[[], object]) -> None:
+    def __init__(self, settings: Settings, services_factory: Callable[[], Services]) -> None:
         self.huey: Huey = make_huey(settings)
         self._services_factory = services_factory
-        self._services: object | None = None
+        self._services: Services | None = None
         self.drain_push_jobs, self.sweep_push_jobs = self._push_tasks()
         self.deliver_webhook, self.sweep_webhooks = self._durable(
             "deliver_webhook", "sweep_webhooks", "webhook deliveries", _webhook,
@@ -97,21 +101,21 @@ class JobQueue:
         def forget_form_submissions() -> int:
             """Hourly: form submission ids whose pages can no longer be posted."""
 
-            return enrollment.forget_submissions(self.services)  # type: ignore[arg-type]
+            return enrollment.forget_submissions(self.services)
 
         self.forget_form_submissions = forget_form_submissions
 
     def _prune(self) -> dict[str, int]:
         """Daily retention (app/retention.py): every worker runs it; the deletes are
         batched and idempotent, so two workers at once only share the work."""
-        settings = self.services.settings  # type: ignore[attr-defined]
-        deleted = retention.prune(self.services.db, settings.retention)  # type: ignore[attr-defined]
+        settings = self.services.settings
+        deleted = retention.prune(self.services.db, settings.retention)
         log.info("pruned %s", ", ".join(f"{t} {n}" for t, n in deleted.items() if n) or "nothing")
         return deleted
 
     def _durable(self, task_name: str, sweep_name: str, what: str,
-                 attempt: Callable[[Any, int], Attempt],
-                 due: Callable[[Any], list[int]]) -> tuple[TaskWrapper, TaskWrapper]:
+                 attempt: Callable[[Services, int], Attempt],
+                 due: Callable[[Services], list[int]]) -> tuple[TaskWrapper, TaskWrapper]:
         """A delivery task for one outbox row, and the sweeper that finds lost rows."""
 
         @self.huey.task(name=task_name)
@@ -134,7 +138,7 @@ class JobQueue:
 
         return deliver, sweep
 
-    def _push_tasks(self) -> tuple[TaskWrapper, TaskWrapper, TaskWrapper]:
+    def _push_tasks(self) -> tuple[TaskWrapper, TaskWrapper]:
         """Pushes are drained, not delivered one by one: a task claims a batch of due
         jobs (any jobs, not named ones), delivers it, and queues its successor while
         batches come back full, so the work keeps moving between worker threads and
@@ -166,7 +170,7 @@ class JobQueue:
             self.drain_push_jobs()
 
     @property
-    def services(self) -> object:
+    def services(self) -> Services:
         if self._services is None:
             self._services = self._services_factory()
         return self._services
@@ -177,7 +181,7 @@ class JobQueue:
         for row_id in row_ids:
             try:
                 getattr(self, task)(row_id)
-            except Exception:  # noqa: BLE001 - the sweeper will find the row
+            except Exception:  # the sweeper will find the row
                 log.exception("could not queue %s %s; the sweeper will retry", what, row_id)
 
     def dispatch(self, job_ids: list[int]) -> None:
@@ -186,7 +190,7 @@ class JobQueue:
             return
         try:
             self._drain(len(job_ids))
-        except Exception:  # noqa: BLE001 - the sweeper will find the rows
+        except Exception:  # the sweeper will find the rows
             log.exception("could not queue a drain of %d push jobs; the sweeper will retry",
                           len(job_ids))
 
@@ -202,7 +206,7 @@ class JobQueue:
     def dispatch_imports(self, job_ids: list[int]) -> None:
         self._queue("run_import", job_ids, "import job")
 
-    def consumer(self, workers: int = 2, shutdown_seconds: float = 20.0):  # type: ignore[no-untyped-def]
+    def consumer(self, workers: int = 2, shutdown_seconds: float = 20.0) -> Consumer:
         """SIGTERM (what systemd, containers and supervisors send) stops taking tasks
         and lets running ones finish for up to ``shutdown_seconds``; SIGINT too."""
         return self.huey.create_consumer(workers=workers, worker_type="thread", periodic=True,

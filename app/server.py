@@ -17,7 +17,10 @@ On platforms without gunicorn (Windows) waitress serves instead.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 #: Threads per worker process. Below the database pool's 15 connections per process.
 THREADS = 8
@@ -67,14 +70,16 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
         waitress_serve(create_app(), host=host, port=port, threads=threads)
         return
 
-    class Server(BaseApplication):  # type: ignore[misc]
+    class Server(BaseApplication):
         def load_config(self) -> None:
             for name, value in options(host, port, workers, threads).items():
                 self.cfg.set(name, value)
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 self.cfg.set("child_exit", _forget_metrics_of)
 
-        def load(self):  # type: ignore[no-untyped-def]
+        # types-gunicorn types a WSGI app's environ as MutableMapping, typeshed (and
+        # Flask) as dict: the same app, two spellings.
+        def load(self) -> Flask:  # type: ignore[override]
             from app import create_app
 
             return create_app()

@@ -34,7 +34,10 @@ from app.webhooks import outbound as webhooks_out
 if TYPE_CHECKING:
     from flask import Flask
 
-    from app.updates.apns import ApnsPool
+    from app.infra.models import Tenant
+    from app.tracking.google_callbacks import RootKeyStore
+    from app.updates.apns import ApnsClient, ApnsPool
+    from app.updates.google_client import GoogleClientOptions, GoogleWalletClient
 
 
 class Services:
@@ -47,10 +50,10 @@ class Services:
         self._identities: dict[tuple[str, float], certs.SigningIdentity] = {}
         self._builders: dict[tuple[str, str, float], PassBuilder] = {}
         self._apns: ApnsPool | None = None
-        self._google_clients: dict[tuple[object, ...], object] = {}
-        self._google_keys = None
+        self._google_clients: dict[tuple[object, ...], GoogleWalletClient] = {}
+        self._google_keys: RootKeyStore | None = None
         # Extra GoogleWalletClient arguments (retry policy), e.g. {"max_retries": 2}.
-        self.google_client_options: dict[str, object] = {}
+        self.google_client_options: GoogleClientOptions = {}
         self.jobs = JobQueue(settings, lambda: self)
         # What happens after a commit, put together here for web, worker and commands:
         # committed outbox rows go to the job queue at once ...
@@ -74,7 +77,7 @@ class Services:
             self._apns = ApnsPool(self.settings.apns_url, ca_file=ca_file)
         return self._apns
 
-    def apns_client(self, identity: AppleIdentity):  # type: ignore[no-untyped-def]
+    def apns_client(self, identity: AppleIdentity) -> ApnsClient:
         """The APNs client for a pass type: its .p8 token key if one is registered,
         else the pass certificate itself (Apple's documented way)."""
 
@@ -86,18 +89,18 @@ class Services:
         return self.apns.client(identity.pass_type_identifier, self.signing_identity(identity),
                                 token_key)
 
-    def google_client(self, tenant):  # type: ignore[no-untyped-def]
+    def google_client(self, tenant: Tenant) -> GoogleWalletClient:
         """The tenant's Google Wallet REST client (one per service-account file version)."""
 
         info = service_account_info(self, tenant)
         key = (tenant.id, info.get("private_key_id"), info.get("client_email"))
         if key not in self._google_clients:
             self._google_clients[key] = GoogleWalletClient(
-                info, self.settings.google_api_url, **self.google_client_options)  # type: ignore[arg-type]
+                info, self.settings.google_api_url, **self.google_client_options)
         return self._google_clients[key]
 
     @property
-    def google_root_keys(self):  # type: ignore[no-untyped-def]
+    def google_root_keys(self) -> RootKeyStore:
         """Google's callback root keys, fetched and cached per Cache-Control."""
         if self._google_keys is None:
 

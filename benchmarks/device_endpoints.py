@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.infra import migrate
-from app.infra.config import Settings  # noqa: E402
-from app.infra.models import Card, Counter, Customer, Registration  # noqa: E402
-from app.services import Services  # noqa: E402
+from app.infra.config import Settings
+from app.infra.models import Card, Counter, Customer, Registration
+from app.services import Services
 from app.tenants import demo
-from app.updates import refresh as updates  # noqa: E402
+from app.updates import refresh as updates
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 DB = "passerelle_bench"

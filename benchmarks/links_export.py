@@ -32,12 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import func, insert, select  # noqa: E402
+from sqlalchemy import func, insert, select
 
 from app.distribution import links
-from app.infra import migrate  # noqa: E402
-from app.infra.db import Database  # noqa: E402
-from app.infra.models import Customer, Program, Tenant, utcnow  # noqa: E402
+from app.infra import migrate
+from app.infra.db import Database
+from app.infra.models import Customer, Program, Tenant, utcnow
 from app.segments import links_export
 
 PUBLIC = "https://wallet.example.com"

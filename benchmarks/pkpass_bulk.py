@@ -36,13 +36,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.serialization import pkcs7  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
 
-from app.wallet import certs  # noqa: E402
-from app.wallet.builder import CardInput, PassBuilder  # noqa: E402
-from app.wallet.images import ImageCache  # noqa: E402
-from app.wallet.template import TemplateLibrary  # noqa: E402
+from app.wallet import certs
+from app.wallet.builder import CardInput, PassBuilder
+from app.wallet.images import ImageCache
+from app.wallet.template import TemplateLibrary
 
 PASS_TYPE, TEAM = "pass.bench.passerelle", "BENCHTEAM1"
 NAMES = ["Camille Martin", "Jiří Novák", "Lena Müller", "Zoë O'Connor", "Sam Taylor"]

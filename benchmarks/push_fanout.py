@@ -46,13 +46,13 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import func, insert, select, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.engine import make_url
 
-from app.infra import migrate  # noqa: E402
-from app.infra.config import Settings  # noqa: E402
-from app.infra.models import Card, Customer, Program, PushAttempt, PushJob, Registration  # noqa: E402
-from app.services import Services  # noqa: E402
+from app.infra import migrate
+from app.infra.config import Settings
+from app.infra.models import Card, Customer, Program, PushAttempt, PushJob, Registration
+from app.services import Services
 from app.tenants import demo
 
 PASS_TYPE = demo.DEMO_PASS_TYPE
@@ -105,7 +105,7 @@ def main() -> int:
                 workers = [subprocess.Popen(
                     [sys.executable, "-m", "app.cli", "worker", "--workers", str(args.threads)],
                     env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                    stderr=open(work / f"worker-{count}-{i}.log", "w"))  # noqa: SIM115
+                    stderr=open(work / f"worker-{count}-{i}.log", "w"))
                     for i in range(count)]
                 try:
                     _run(services, card_ids[:200], count)  # processes up, connections open

@@ -59,13 +59,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import func, insert, select, text  # noqa: E402
-from sqlalchemy.engine import Connection, make_url  # noqa: E402
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.engine import Connection, make_url
 
-from app.crm.outbox import customer_payload  # noqa: E402
+from app.crm.outbox import customer_payload
 from app.infra import migrate
-from app.infra.config import Settings  # noqa: E402
-from app.infra.models import (  # noqa: E402
+from app.infra.config import Settings
+from app.infra.models import (
     Card,
     CrmOutboxEntry,
     Customer,
@@ -85,9 +85,9 @@ from app.infra.models import (  # noqa: E402
     utcnow,
 )
 from app.ops import retention
-from app.services import Services  # noqa: E402
+from app.services import Services
 from app.tenants import demo
-from app.webhooks import outbound as webhooks_out  # noqa: E402
+from app.webhooks import outbound as webhooks_out
 
 CHUNK = 10_000
 AGE = dt.timedelta(days=401)  # past every default window (funnel_events: 400 days)

@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.infra import migrate
-from app.infra.config import Settings  # noqa: E402
-from app.segments import segments  # noqa: E402
-from app.services import Services  # noqa: E402
+from app.infra.config import Settings
+from app.segments import segments
+from app.services import Services
 from app.tenants import demo
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test_h9"

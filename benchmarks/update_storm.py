@@ -51,14 +51,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
-import redis  # noqa: E402
-from sqlalchemy import insert, select, text, update  # noqa: E402
+import psycopg
+import redis
+from sqlalchemy import insert, select, text, update
 
-from app.infra import migrate  # noqa: E402
-from app.infra.config import Settings  # noqa: E402
-from app.infra.models import Card, Customer, Program, PushJob, Registration, Tenant, utcnow  # noqa: E402
-from app.services import Services  # noqa: E402
+from app.infra import migrate
+from app.infra.config import Settings
+from app.infra.models import Card, Customer, Program, PushJob, Registration, Tenant, utcnow
+from app.services import Services
 from app.tenants import demo
 from app.updates import bulk
 

@@ -54,7 +54,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 if __package__ in (None, ""):  # run as a script: make `app` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.wallet.certs import certificate_uid  # noqa: E402
+from app.wallet.certs import certificate_uid
 
 _PATH = re.compile(r"^/3/device/([^/?#]*)$")
 _HEX = re.compile(r"^[0-9A-Fa-f]{1,200}$")

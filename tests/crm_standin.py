@@ -228,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
     state: CrmStandin
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: Any) -> None:  # stdlib name
         pass
 
     def setup(self) -> None:

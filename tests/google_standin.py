@@ -16,9 +16,9 @@ What it checks, like Google does:
 
 - ``POST /token`` (JWT-bearer grant): the assertion is verified RS256 with the public key
   of the registered service account named by ``iss`` (and ``kid`` = its private_key_id),
-  ``aud`` must be Google's token endpoint (or the stand-in's), ``scope`` must include the Wallet scope, ``exp``/``iat``
-  current and at most one hour apart. Answers a random bearer token (``token_lifetime``
-  seconds). Every other endpoint but ``/keys`` needs a live token (else 401).
+  ``aud`` must be Google's token endpoint (or the stand-in's), ``scope`` must include the
+  Wallet scope, ``exp``/``iat`` current and at most one hour apart. Answers a random
+  bearer token (``token_lifetime`` seconds). Every other endpoint but ``/keys`` needs a live token (else 401).
 - Bodies are validated against the walletobjects v1 discovery document shipped in the
   google-api-python-client wheel: ``$ref`` schemas resolved recursively, unknown fields,
   JSON types (int64/uint64 fields: digit strings or integers; int32 ranges; byte fields
@@ -830,6 +830,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass
 

@@ -19,14 +19,14 @@ class _Handler:
     def __init__(self, standin: SmtpStandin) -> None:
         self.standin = standin
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,  # noqa: N802
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           options: list[str]) -> str:
         if self.standin.refuse_recipients:
             return self.standin.refuse_recipients
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.standin.script:
             answer = self.standin.script.pop(0)
             self.standin.refused += 1

@@ -41,9 +41,10 @@ TAG = "admin"
 
 
 def key_out(row: ApiKey, cls: type[KeyOut] = KeyOut, **extra: Any) -> KeyOut:
-    return cls(id=row.id, name=row.name, prefix=row.prefix, scope=row.scope,  # type: ignore[arg-type]
-               created_at=row.created_at, last_used_at=row.last_used_at,
-               revoked_at=row.revoked_at, **extra)
+    # Validated from a dict: the scope column is a plain string, the field a Literal.
+    return cls.model_validate(dict(id=row.id, name=row.name, prefix=row.prefix, scope=row.scope,
+                                   created_at=row.created_at, last_used_at=row.last_used_at,
+                                   revoked_at=row.revoked_at, **extra))
 
 
 def tenant_out(tenant: Tenant) -> TenantOut:

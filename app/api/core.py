@@ -13,12 +13,13 @@ import binascii
 import functools
 import json
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 from pydantic import BaseModel
 from spectree import Response as SpecResponse
 from spectree import SecurityScheme, SecuritySchemeData, SpecTree
+from spectree.models import SecureType
 from spectree.plugins.flask_plugin import FlaskPlugin
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
@@ -96,7 +97,7 @@ spec = SpecTree(
     annotations=False,
     page_templates={},
     security_schemes=[SecurityScheme(name="apiKey", data=SecuritySchemeData(
-        type="http", scheme="bearer", bearer_format="pk_<prefix>_<secret>",
+        type=SecureType.HTTP, scheme="bearer", bearer_format="pk_<prefix>_<secret>",
         description="A tenant API key (`passerelle apikeys create`)."))],
     security={"apiKey": []},
     before=_problem_on_invalid,
@@ -197,8 +198,8 @@ def require(scope: str) -> Callable[[F], F]:
             g.api_session = database.tenant_session(key.tenant_id)
             return view(*args, **kwargs)
 
-        wrapper.api_scope = scope  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        vars(wrapper)["api_scope"] = scope  # a function attribute, read by the OpenAPI document
+        return cast(F, wrapper)  # wraps() kept the view's name and signature
 
     return decorate
 
@@ -241,13 +242,13 @@ M = TypeVar("M", bound=BaseModel)
 
 def body(model: type[M]) -> M:
     """The validated JSON body spectree put on the request."""
-    value = request.context.json  # type: ignore[attr-defined]
+    value = request.context.json  # type: ignore[attr-defined]  # set by spectree's validate
     assert isinstance(value, model)
     return value
 
 
 def query(model: type[M]) -> M:
-    value = request.context.query  # type: ignore[attr-defined]
+    value = request.context.query  # type: ignore[attr-defined]  # set by spectree's validate
     assert isinstance(value, model)
     return value
 

@@ -177,12 +177,12 @@ def _checked(make: Any) -> customers.CustomerChanges:
 
 
 def import_out(job: ImportJob) -> ImportJobOut:
-    return ImportJobOut(id=job.id, status=job.status, format=job.format,  # type: ignore[arg-type]
-                        total_rows=job.total_rows, created=job.created, updated=job.updated,
-                        unchanged=job.unchanged,
-                        errors=[RowError(**e) for e in job.errors or []],
-                        created_at=job.created_at, finished_at=job.finished_at,
-                        attempts=job.attempts)
+    # Validated from a dict: the columns are plain strings, the model's fields Literals.
+    return ImportJobOut.model_validate(dict(
+        id=job.id, status=job.status, format=job.format, total_rows=job.total_rows,
+        created=job.created, updated=job.updated, unchanged=job.unchanged,
+        errors=[RowError(**e) for e in job.errors or []], created_at=job.created_at,
+        finished_at=job.finished_at, attempts=job.attempts))
 
 
 @bp.post("/customer-imports")

@@ -119,7 +119,7 @@ def issue_links(slug: str) -> Any:
 
 # -- segments -----------------------------------------------------------------------------
 
-def _segment(program: Program, params: SegmentFilter) -> Segment:
+def _segment(program: Program, params: SegmentFilter | SegmentExport) -> Segment:
     raw = {name: getattr(params, name) for name in _FILTERS}
     # Identity, not equality: 0 == False, and points_min=0 is a filter, not an absent one.
     text = {name: ("true" if value is True else "" if value is None or value is False

@@ -287,7 +287,7 @@ def due_entries(services: Services, quiet_for: dt.timedelta = dt.timedelta(secon
 # -- operating it -------------------------------------------------------------------------
 
 def flush(services: Services, tenant_id: int,
-          progress: Callable[[int], None] | None = None) -> Counter[str]:
+          progress: Callable[[int], object] | None = None) -> Counter[str]:
     """Deliver a tenant's undone entries now, waiting backoffs included (the operator
     says the CRM is back). Returns how many ended in each state."""
     with services.db.session() as session:

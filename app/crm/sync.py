@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -120,8 +121,7 @@ def _changes(session: Session, tenant_id: int, external_id: str, local: Customer
     changes = CustomerChanges()
     for name in STANDARD_FIELDS:
         if name in provided:
-            changes.fields[name] = _usable(record, name, lambda n=name: (
-                None if getattr(record, n) is None else clean_standard(n, getattr(record, n))))
+            changes.fields[name] = _usable(record, name, partial(_standard, record, name))
     email = changes.fields.get("email")
     if email and email is not _SKIP and email_owner(session, tenant_id, email) not in (
             None, external_id):
@@ -131,11 +131,11 @@ def _changes(session: Session, tenant_id: int, external_id: str, local: Customer
     for name, value in record.attributes.items():
         if f"attributes.{name}" in provided:
             changes.attributes[name] = _usable(record, f"attributes.{name}",
-                                               lambda n=name, v=value: clean_attribute(n, v))
+                                               partial(clean_attribute, name, value))
     for kind, granted in record.consents.items():
         if f"consents.{kind}" in provided:
             changes.consents[kind] = _usable(record, f"consents.{kind}",
-                                             lambda k=kind, g=granted: check_consent(k, g))
+                                             partial(check_consent, kind, granted))
     changes.fields = {k: v for k, v in changes.fields.items() if v is not _SKIP}
     changes.attributes = {k: v for k, v in changes.attributes.items() if v is not _SKIP}
     changes.consents = {k: v for k, v in changes.consents.items() if v is not _SKIP}
@@ -143,6 +143,11 @@ def _changes(session: Session, tenant_id: int, external_id: str, local: Customer
 
 
 _SKIP: Any = object()
+
+
+def _standard(record: CrmRecord, name: str) -> Any:
+    value = getattr(record, name)
+    return None if value is None else clean_standard(name, value)
 
 
 def _usable(record: CrmRecord, name: str, clean: Callable[[], Any]) -> Any:

@@ -29,10 +29,10 @@ import io
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from babel import Locale, UnknownLocaleError
 from email_validator import EmailNotValidError, validate_email
@@ -138,7 +138,7 @@ def parse_birthday(value: str) -> dt.date:
         day = dt.date.fromisoformat(value.strip())
     except ValueError:
         raise CustomerDataError(f"birthday: {value!r} is not a date (use YYYY-MM-DD)") from None
-    if not dt.date(1900, 1, 1) <= day <= dt.date.today():
+    if not dt.date(1900, 1, 1) <= day <= dt.datetime.now(dt.UTC).date():
         raise CustomerDataError(f"birthday: {value!r} is out of range")
     return day
 
@@ -313,11 +313,11 @@ class UpsertBatch:
              emails: set[str]) -> UpsertBatch:
         customers = {c.external_id: c for c in session.scalars(select(Customer).where(
             Customer.tenant_id == tenant_id, Customer.external_id.in_(external_ids)))}
-        owners = dict(session.execute(
+        owners = {email: external_id for email, external_id in session.execute(
             select(Customer.email, Customer.external_id)
-            .where(Customer.tenant_id == tenant_id, Customer.email.in_(emails))).all()) \
-            if emails else {}
-        return cls(customers, owners)  # type: ignore[arg-type]
+            .where(Customer.tenant_id == tenant_id, Customer.email.in_(emails)))
+            if email is not None} if emails else {}
+        return cls(customers, owners)
 
 
 def find_customer(session: Session, tenant_id: int, external_id: str) -> Customer | None:
@@ -541,9 +541,17 @@ def parse_rows(text: str, source: str) -> tuple[list[str], Iterator[_Row | RowEr
     return header, _iter_rows(reader, header)
 
 
-def _iter_rows(reader: Iterable[list[str]], header: list[str]) -> Iterator[_Row | RowError]:
+class _CsvReader(Protocol):
+    """csv.reader's object: rows, and the source line it read last."""
+
+    line_num: int
+
+    def __iter__(self) -> Iterator[list[str]]: ...
+
+
+def _iter_rows(reader: _CsvReader, header: list[str]) -> Iterator[_Row | RowError]:
     for cells in reader:
-        line = reader.line_num  # type: ignore[attr-defined]
+        line = reader.line_num
         if not any(c.strip() for c in cells):
             continue
         if len(cells) != len(header):
@@ -581,7 +589,7 @@ ChangeHook = Callable[[Session, list[Customer]], list[str]]
 
 
 def import_csv(session: Session, tenant_id: int, path: Path,
-               progress: Callable[[int], None] | None = None,
+               progress: Callable[[int], object] | None = None,
                on_changed: ChangeHook | None = None) -> ImportReport:
     """Upsert customers from a CSV file; commits every batch so good rows are never lost.
 

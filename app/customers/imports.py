@@ -30,9 +30,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CursorResult, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.customers.customers import (
@@ -250,7 +250,7 @@ def run_job(services: Services, job_id: int,
     except ImportFileError as exc:
         status = "failed"
         errors = [(0, str(exc).replace(str(path), "the file"))]
-    except Exception:  # noqa: BLE001 - a job must end in a state people can read
+    except Exception:  # a job must end in a state people can read
         log.exception("import job %s failed", job_id)
         status = "failed"
         errors = [(0, "internal error while importing; the rows before it are kept")]
@@ -276,7 +276,7 @@ def _claim(session: Session, job_id: int, now: dt.datetime) -> bool:
                    and_(ImportJob.status == "running", ImportJob.claimed_until < now)))
         .values(status="running", claimed_until=now + LEASE, attempts=ImportJob.attempts + 1)
         .execution_options(synchronize_session=False))
-    return taken.rowcount == 1  # type: ignore[attr-defined]
+    return cast("CursorResult[Any]", taken).rowcount == 1  # an UPDATE's result
 
 
 class _Heartbeat:
@@ -305,7 +305,7 @@ class _Heartbeat:
                                     .where(ImportJob.id == self.job_id,
                                            ImportJob.status == "running")
                                     .values(claimed_until=utcnow() + LEASE))
-            except Exception:  # noqa: BLE001 - a missed beat is retried at the next one
+            except Exception:  # a missed beat is retried at the next one
                 log.warning("could not renew the lease of import job %s", self.job_id,
                             exc_info=True)
 

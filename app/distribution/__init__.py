@@ -1,1 +1,2 @@
-"""Handing cards out: personal links, landing offers, enrollment and details forms, card emails, page language and branding."""
+"""Handing cards out: personal links, landing offers, enrollment and details forms, card
+emails, page language and branding."""

@@ -52,9 +52,9 @@ def parse_color(value: object) -> RGB | None:
             digits = "".join(c * 2 for c in digits)
         return (int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16))
     if match := _RGB.match(text):
-        rgb = tuple(int(part) for part in match.groups())
-        if all(0 <= c <= 255 for c in rgb):
-            return rgb  # type: ignore[return-value]
+        red, green, blue = (int(part) for part in match.groups())
+        if all(0 <= c <= 255 for c in (red, green, blue)):
+            return red, green, blue
     return None
 
 

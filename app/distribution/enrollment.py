@@ -155,7 +155,7 @@ def form_config(program: Program) -> FormConfig:
     for name, mode in (forms.get("fields") or {}).items():
         if name in FIELDS and mode in MODES:
             fields[name] = mode
-    consents = []
+    consents: list[ConsentSpec] = []
     for item in forms.get("consents", DEFAULT_FORMS["consents"]) or []:
         spec = _consent_spec(item)
         if spec is not None and spec.kind not in {c.kind for c in consents}:
@@ -350,6 +350,7 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
     held = customer is None
     if customer is None:
         customer = _create(session, program, submission, locale, held=True)
+        assert customer is not None  # held: a conflict raises, never None
     _record_consents(session, customer, submission.consents, consent_texts_shown, "enrollment")
     if not held:
         crm.record_write(session, customer, "create")

@@ -127,7 +127,8 @@ def catalog(lang: str) -> dict[str, str]:
         if not message.id or message.fuzzy:
             continue
         key = message.id[0] if message.pluralizable else message.id
-        text = message.string[-1] if message.pluralizable else message.string
+        string = message.string  # a tuple of plural forms for a pluralizable message
+        text = string[-1] if isinstance(string, tuple | list) else string
         if text:
             messages[str(key)] = str(text)
     return messages

@@ -36,6 +36,7 @@ from urllib.parse import quote, urlencode
 from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.infra.db import rowcount, table_of
 from app.infra.models import Customer, LinkToken, Program, Tenant, utcnow
 
 PURPOSES = ("download", "enrich", "consent", "enroll")
@@ -226,7 +227,7 @@ def _issue_batches(session: Session, program: Program, customers: Iterator[C],
             pairs.append((customer, new_token()))
         # A Core INSERT (the ORM's bulk path costs ~3x more per row) skips the tenant
         # guard's before_flush hook, which is why _check_customer runs for every row.
-        session.execute(insert(LinkToken.__table__), [
+        session.execute(insert(table_of(LinkToken)), [
             {"tenant_id": program.tenant_id, "token_hash": hash_token(token),
              "program_id": program.id, "customer_id": customer.id, "purpose": purpose,
              "campaign": campaign, "expires_at": expires_at, "max_uses": max_uses, "uses": 0,
@@ -283,7 +284,7 @@ def record_use(session: Session, grant: LinkGrant, *, now: dt.datetime | None = 
                or_(LinkToken.max_uses.is_(None), LinkToken.uses < LinkToken.max_uses))
         .values(uses=LinkToken.uses + 1, last_used_at=now or utcnow())
         .execution_options(synchronize_session=False))
-    if result.rowcount == 0:  # type: ignore[attr-defined]
+    if rowcount(result) == 0:
         raise LinkUsedUp(f"link {grant.link_id} reached its use limit", grant=grant)
 
 
@@ -300,7 +301,7 @@ def revoke_tokens(session: Session, *, tenant_id: int, program_id: int | None = 
         query = query.where(LinkToken.token_hash == hash_token(token))
     result = session.execute(query.values(revoked_at=utcnow())
                              .execution_options(synchronize_session=False))
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return rowcount(result)
 
 
 # -- signed links ---------------------------------------------------------------------

@@ -13,8 +13,9 @@ BigInteger: 64), so changing a column's type moves every bound that depends on i
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from sqlalchemy import BigInteger, Column, Integer, SmallInteger
+from sqlalchemy import BigInteger, ColumnElement, Integer, SmallInteger
 from sqlalchemy.types import TypeEngine
 
 from app.infra.models import Base, Card
@@ -24,7 +25,7 @@ _BITS: tuple[tuple[type[Integer], int], ...] = ((BigInteger, 64), (SmallInteger,
                                                   (Integer, 32))
 
 
-def int_range(type_: TypeEngine[object]) -> tuple[int, int]:
+def int_range(type_: TypeEngine[Any]) -> tuple[int, int]:
     """The signed range a SQL integer type holds (the SQL standard's, which PostgreSQL uses)."""
     for cls, bits in _BITS:
         if isinstance(type_, cls):
@@ -32,7 +33,7 @@ def int_range(type_: TypeEngine[object]) -> tuple[int, int]:
     raise TypeError(f"{type_!r} is not an integer type")
 
 
-def column_max(column: Column[object]) -> int:
+def column_max(column: ColumnElement[Any]) -> int:
     return int_range(column.type)[1]
 
 
@@ -48,7 +49,7 @@ def _row_id_max() -> int:
 ROW_ID_MIN = 1
 ROW_ID_MAX = _row_id_max()
 #: Update tags a device may send back (``passesUpdatedSince``): 0 up to the column's bound.
-UPDATE_TAG_MAX = column_max(Card.__table__.c.update_tag)  # type: ignore[attr-defined]
+UPDATE_TAG_MAX = column_max(Card.__table__.c.update_tag)
 
 _DIGITS = re.compile(r"[0-9]+")
 

@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 PREFIX = "PASSERELLE_"
 #: The checkout's root. Only meaningful in a checkout (editable install, tests): an
@@ -119,7 +120,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}  # each parsed to its field's type above
         for f in fields(cls):
             raw = env.get(PREFIX + f.name.upper())
             if raw is None:
@@ -133,7 +134,7 @@ class Settings:
             else:
                 values[f.name] = raw
         values.update(overrides)
-        settings = cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)
         settings._fill_derived_defaults(instance_overridden="instance_path" in values,
                                         certs_overridden="certs_path" in values)
         return settings

@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import CursorResult, Result, Table, create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker, with_loader_criteria
 
 from app.infra import events, logs, outbox
@@ -144,7 +145,7 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
                                json_serializer=_json_utf8, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: object) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
@@ -156,6 +157,18 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
 
 def _json_utf8(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched (Session.execute types its result as the
+    general Result; a DML statement's is a CursorResult)."""
+    return cast("CursorResult[Any]", result).rowcount
+
+
+def table_of(model: type[Any]) -> Table:
+    """A mapped class's Table, for Core inserts and updates (``__table__`` is typed as
+    any FromClause, our models' is always a Table)."""
+    return cast(Table, model.__table__)
 
 
 @event.listens_for(Session, "do_orm_execute")
@@ -173,14 +186,15 @@ def _scope_to_tenant(state: ORMExecuteState) -> None:
 
 
 @event.listens_for(Session, "before_flush")
-def _refuse_foreign_writes(session: Session, _ctx, _instances) -> None:  # type: ignore[no-untyped-def]
+def _refuse_foreign_writes(session: Session, _ctx: object, _instances: object) -> None:
     """A tenant session may only insert or change its own tenant's rows."""
     tenant_id = session.info.get(TENANT_KEY)
     if tenant_id is None:
         return
     for obj in list(session.new) + list(session.dirty) + list(session.deleted):
         if isinstance(obj, TenantOwned):
-            if obj.tenant_id is None and obj in session.new:
+            # Mapped[int], yet None until the insert when the code left it to the session.
+            if cast("int | None", obj.tenant_id) is None and obj in session.new:
                 obj.tenant_id = tenant_id
             elif obj.tenant_id != tenant_id:
                 raise PermissionError(

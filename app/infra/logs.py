@@ -110,13 +110,14 @@ def configure(log_format: str = "text", level: str = "INFO",
     if log_format not in ("text", "json"):
         raise ValueError(f"PASSERELLE_LOG_FORMAT must be 'text' or 'json', not {log_format!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    formatter = JsonFormatter() if log_format == "json" else TextFormatter()
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
     handler.addFilter(ContextFilter())
-    handler.formatter.converter = time.gmtime  # type: ignore[union-attr]
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_passerelle", False)]:
         root.removeHandler(old)
-    handler._passerelle = True  # type: ignore[attr-defined]
+    handler._passerelle = True  # type: ignore[attr-defined]  # marks ours for the next call
     root.addHandler(handler)
     root.setLevel(level.upper())
     for name in _CHATTY:

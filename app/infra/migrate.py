@@ -6,6 +6,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine
 
 from app.infra.config import shipped
 
@@ -22,7 +23,7 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
-def is_current(engine) -> bool:  # type: ignore[no-untyped-def]
+def is_current(engine: Engine) -> bool:
     """True when the database is at the latest migration."""
     script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
     with engine.connect() as conn:

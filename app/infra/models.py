@@ -93,7 +93,7 @@ class TenantOwned:
     """Marker mixin: the row belongs to one tenant and is invisible to the others."""
 
     @declared_attr
-    def tenant_id(cls) -> Mapped[int]:  # noqa: N805 - declared_attr takes the class
+    def tenant_id(cls) -> Mapped[int]:  # declared_attr takes the class
         return mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
 
 

@@ -30,7 +30,7 @@ from app.infra.http import new_session
 ALLOW_HINT = "set PASSERELLE_WEBHOOK_ALLOW_PRIVATE_NETWORKS=true to allow private receivers"
 
 
-class BlockedAddress(Exception):  # noqa: N818 - reads as what happened
+class BlockedAddress(Exception):  # reads as what happened
     """A connection reached an address outside the public internet.
 
     Not an OSError on purpose: urllib3 would take it for a network hiccup and
@@ -76,7 +76,7 @@ class _CheckPeer:
     """Mixed into urllib3's connections: refuse the socket if its peer is not public."""
 
     def _new_conn(self) -> Any:
-        sock = super()._new_conn()  # type: ignore[misc]
+        sock = super()._new_conn()  # type: ignore[misc]  # a mixin: urllib3's class is next
         peer = sock.getpeername()[0]
         if not is_public(peer):
             sock.close()

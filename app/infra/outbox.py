@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, or_, select, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ def _forget_at_end(session: Session, transaction: SessionTransaction) -> None:
 
 def backoff(attempt: int, first: dt.timedelta, ceiling: dt.timedelta) -> dt.timedelta:
     """Exponential retry delay: ``first`` after the first attempt, doubling, capped."""
-    return min(first * (2 ** max(attempt - 1, 0)), ceiling)
+    return min(first * (1 << max(attempt - 1, 0)), ceiling)
 
 
 def claimable(model: Any, now: dt.datetime) -> list[ColumnElement[bool]]:
@@ -136,7 +136,7 @@ def claim(session: Session, model: Any, row_id: int, now: dt.datetime, lease: dt
         .values(claimed_until=now + lease, attempts=model.attempts + 1)
         .execution_options(synchronize_session=False))
     session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return cast("CursorResult[Any]", result).rowcount == 1  # an UPDATE's result
 
 
 def claim_batch(session: Session, model: Any, now: dt.datetime, lease: dt.timedelta,

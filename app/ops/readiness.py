@@ -150,7 +150,7 @@ class Readiness:
     def _queue(self) -> Check:
         try:
             self.services.jobs.huey.storage.queue_size()
-        except Exception as exc:  # Redis down, SQLite file unreadable: degraded either way
+        except Exception as exc:  # noqa: BLE001 - Redis down, SQLite unreadable: degraded either way
             return Check("queue", False, f"{type(exc).__name__}: pushes and deliveries wait "
                                          f"in the database until it answers", required=False)
         return Check("queue", True, required=False)

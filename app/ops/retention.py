@@ -114,7 +114,7 @@ def effective_days(overrides: str) -> dict[str, int]:
 
 def prune(db: Database, overrides: str = "", *, now: dt.datetime | None = None,
           batch: int = BATCH, only: set[str] | None = None,
-          progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
+          progress: Callable[[str, int], object] | None = None) -> dict[str, int]:
     """Delete rows past their retention, table by table; returns rows deleted per table."""
     now = now or utcnow()
     days = effective_days(overrides)

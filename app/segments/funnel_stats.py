@@ -25,7 +25,7 @@ import csv
 import datetime as dt
 from typing import Any, TextIO
 
-from sqlalchemy import ColumnElement, and_, func, literal, select, union_all
+from sqlalchemy import ColumnElement, SQLColumnExpression, and_, func, literal, select, union_all
 from sqlalchemy.orm import Session
 
 from app.infra.models import Card, CardInstallState, FunnelEvent, LinkToken
@@ -35,7 +35,7 @@ COLUMNS = ("day", "campaign", "links_issued", "opened", "downloaded_apple", "dow
 _DOWNLOAD_KINDS = {"apple_downloaded": "downloaded_apple", "google_opened": "downloaded_google"}
 
 
-def _day(session: Session, column: ColumnElement[dt.datetime]) -> ColumnElement[str]:
+def _day(session: Session, column: SQLColumnExpression[dt.datetime]) -> ColumnElement[str]:
     if session.get_bind().dialect.name == "postgresql":
         return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
     return func.strftime("%Y-%m-%d", column)  # SQLite keeps UTC text

@@ -14,7 +14,7 @@ import csv
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
 from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
@@ -36,7 +36,8 @@ def count_customers(session: Session, program: Program) -> int:
         Customer.tenant_id == program.tenant_id)) or 0
 
 
-def _pages(session: Session, tenant_id: int, size: int) -> Iterator[Sequence[Row[Any]]]:
+def _pages(session: Session, tenant_id: int,
+           size: int) -> Iterator[Sequence[Row[int, int, str, str | None]]]:
     """Customers by id, a page at a time, as plain rows (no ORM objects to build or track)."""
     last_id = 0
     while True:
@@ -53,7 +54,7 @@ def _pages(session: Session, tenant_id: int, size: int) -> Iterator[Sequence[Row
 def export_links(session: Session, program: Program, purpose: str, out: TextIO, *,
                  public_url: str, campaign: str | None = None,
                  expires_at: dt.datetime | None = None, max_uses: int | None = None,
-                 progress: Callable[[int], None] | None = None,
+                 progress: Callable[[int], object] | None = None,
                  page_size: int = links.BATCH_SIZE) -> ExportReport:
     """Issue one link per customer of the program's tenant, ordered by id; commits per page."""
     writer = csv.writer(out)

@@ -41,6 +41,7 @@ from sqlalchemy import (
     ColumnElement,
     Float,
     Select,
+    SQLColumnExpression,
     and_,
     case,
     cast,
@@ -186,14 +187,14 @@ def attribute_names(program: Program) -> tuple[str, str]:
     return str(mapping.get("tier", "tier")), str(mapping.get("points", "points"))
 
 
-def _has_state(customer_id: ColumnElement[int], program_id: int,
+def _has_state(customer_id: SQLColumnExpression[int], program_id: int,
                *conditions: ColumnElement[bool]) -> ColumnElement[bool]:
     """The customer has an install state row in this program matching ``conditions``."""
     return exists().where(CardInstallState.customer_id == customer_id,
                           CardInstallState.program_id == program_id, *conditions)
 
 
-def _state_conditions(state: str | None, customer_id: ColumnElement[int],
+def _state_conditions(state: str | None, customer_id: SQLColumnExpression[int],
                       program_id: int) -> list[ColumnElement[bool]]:
     if state is None:
         return []
@@ -217,7 +218,7 @@ def _state_conditions(state: str | None, customer_id: ColumnElement[int],
     return [has(), ~has(CardInstallState.state.in_(("installed", "removed")))]
 
 
-def _consented(customer_id: ColumnElement[int], kind: str,
+def _consented(customer_id: SQLColumnExpression[int], kind: str,
                after: int | None = None) -> ColumnElement[bool]:
     """The customer's current decision of this kind is a grant (``current_consents``,
     kept by ``customers.record_consent``). ``after`` repeats a keyset page's lower bound
@@ -230,7 +231,8 @@ def _consented(customer_id: ColumnElement[int], kind: str,
 
 
 def attribute_text(name: str) -> ColumnElement[Any]:
-    return Customer.attributes[name].as_string()
+    expr: ColumnElement[Any] = Customer.attributes[name].as_string()  # JSON subscript: Any
+    return expr
 
 
 def attribute_in_range(dialect: str, name: str, low: float | None,
@@ -276,7 +278,7 @@ def _uses_customer_columns(segment: Segment) -> bool:
 
 
 def _filters(session: Session, segment: Segment, program: Program,
-             customer_id: ColumnElement[int], after: int | None = None, *,
+             customer_id: SQLColumnExpression[int], after: int | None = None, *,
              consent: bool = True) -> list[ColumnElement[bool]]:
     """Everything but the install state, for the customer whose id is ``customer_id``
     (``after``: the keyset page's bound, see :func:`_consented`; ``consent=False``:
@@ -304,7 +306,7 @@ def _filters(session: Session, segment: Segment, program: Program,
     return where
 
 
-def _installed_between(segment: Segment, customer_id: ColumnElement[int],
+def _installed_between(segment: Segment, customer_id: SQLColumnExpression[int],
                        program_id: int) -> list[ColumnElement[bool]]:
     bounds: list[ColumnElement[bool]] = []
     if segment.installed_from is not None:
@@ -327,7 +329,7 @@ def conditions(session: Session, segment: Segment, program: Program | None = Non
     return where + _filters(session, segment, program, Customer.id, after_id)
 
 
-def count_query(session: Session, segment: Segment, program: Program) -> Select[tuple[int]]:
+def count_query(session: Session, segment: Segment, program: Program) -> Select[int]:
     """The count, drawn from the smallest table that holds the audience.
 
     With the consent filter (the default), the audience is the tenant's rows of
@@ -411,7 +413,7 @@ def _csv_value(value: Any) -> str:
 def export_csv(session: Session, services: Services, segment: Segment, out: TextIO, *,
                link_purpose: str = "download", link_campaign: str | None = None,
                link_expires_at: dt.datetime | None = None,
-               progress: Callable[[int], None] | None = None, limit: int | None = None) -> int:
+               progress: Callable[[int], object] | None = None, limit: int | None = None) -> int:
     """Write the segment as CSV with a fresh personal link per row; the row count.
 
     A thousand customers at a time: read by keyset, links issued in one INSERT,

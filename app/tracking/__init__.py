@@ -1,1 +1,2 @@
-"""What happened to cards: the install log and state per platform, funnel events, Google callbacks, support timelines."""
+"""What happened to cards: the install log and state per platform, funnel events, Google
+callbacks, support timelines."""

@@ -91,7 +91,7 @@ class RootKey:
     key_expiration_millis: int | None
 
 
-def parse_root_keys(document: dict) -> list[RootKey]:
+def parse_root_keys(document: dict[str, Any]) -> list[RootKey]:
     """Root keys from Google's ``{"keys": [{"keyValue", "protocolVersion", "keyExpiration"?}]}``.
 
     A malformed ECv2SigningOnly entry fails the whole document; any other
@@ -175,7 +175,7 @@ class RootKeyStore:
         return keys, _freshness(response.headers)
 
 
-def verify_callback(body: bytes | str | dict, issuer_id: str, root_keys: list[RootKey],
+def verify_callback(body: bytes | str | dict[str, Any], issuer_id: str, root_keys: list[RootKey],
                     now_millis: int | None = None) -> CallbackMessage:
     """Verify a callback body for ``issuer_id`` and return its message.
 
@@ -287,7 +287,7 @@ def _millis(value: Any, what: str) -> int:
     raise CallbackError(f"{what}: expected epoch milliseconds")
 
 
-def _as_json_object(value: bytes | str | dict, what: str) -> dict:
+def _as_json_object(value: bytes | str | dict[str, Any], what: str) -> dict[str, Any]:
     if isinstance(value, dict):
         return value
     try:
@@ -301,14 +301,14 @@ def _as_json_object(value: bytes | str | dict, what: str) -> dict:
     return parsed
 
 
-def _string(message: dict, field: str) -> str:
+def _string(message: dict[str, Any], field: str) -> str:
     value = message.get(field)
     if not isinstance(value, str) or not value:
         raise CallbackError(f"signedMessage: {field} is required (a non-empty string)")
     return value
 
 
-def _object_id(message: dict) -> str:
+def _object_id(message: dict[str, Any]) -> str:
     # Save/del carry objectId; real activation callbacks carry objectIds instead.
     if "objectId" in message or "objectIds" not in message:
         return _string(message, "objectId")

@@ -274,7 +274,7 @@ def _merge(status: dict[str, Any], platform: str, state: str, devices: int,
 # -- rebuild ---------------------------------------------------------------------------------
 
 def rebuild(services: Services, *, tenant_id: int | None = None,
-            progress: Callable[[int], None] | None = None) -> int:
+            progress: Callable[[int], object] | None = None) -> int:
     """Recompute every state row from the log, a chunk of cards per transaction.
 
     Safe while traffic flows: a chunk's state rows are locked before its events
@@ -342,11 +342,11 @@ def _rebuild_chunk(session: Session, card_ids: list[int]) -> int:
         select(CardInstallState).where(CardInstallState.card_id.in_(card_ids))
         .execution_options(populate_existing=True))}
     events: dict[tuple[int, str], list[LoggedEvent]] = defaultdict(list)
-    for card_id, platform, *rest in session.execute(
+    for card_id, platform, event_id, kind, device, occurred_at in session.execute(
             select(InstallEvent.card_id, InstallEvent.platform, InstallEvent.id,
                    InstallEvent.kind, InstallEvent.device, InstallEvent.occurred_at)
             .where(InstallEvent.card_id.in_(card_ids))):
-        events[(card_id, platform)].append(LoggedEvent(*rest))
+        events[(card_id, platform)].append(LoggedEvent(event_id, kind, device, occurred_at))
     cards = {card_id: (tenant, program, customer)
              for card_id, tenant, program, customer in session.execute(
                  select(Card.id, Card.tenant_id, Card.program_id, Card.customer_id)

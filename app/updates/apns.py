@@ -136,7 +136,9 @@ class ApnsTokenKey:
             key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
             raise ApnsError(f"{path}: cannot load the APNs .p8 key ({_describe(exc)})") from None
-        return cls(key_id, team_id, key)  # type: ignore[arg-type]
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ApnsError(f"APNs key {key_id}: a .p8 key must be an elliptic-curve (P-256) key")
+        return cls(key_id, team_id, key)
 
     @property
     def fingerprint(self) -> bytes:
@@ -404,9 +406,11 @@ class _Connection(asyncio.Protocol):
             return
         if error is not None:
             stream.future.set_exception(error)
+        elif result is None:  # no caller does this: every stream ends with one of the two
+            stream.future.set_exception(ConnectionLost("the stream ended without an answer"))
         else:
             self.answered = True
-            stream.future.set_result(result)  # type: ignore[arg-type]
+            stream.future.set_result(result)
 
     def _abort(self, error: Exception) -> None:
         self.usable = False

@@ -15,7 +15,7 @@ import hmac
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Select, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
@@ -82,7 +82,7 @@ def authenticate(session: Session, pass_type: str, serial: str, header: str | No
 def parse_push_token(body: object) -> str:
     if not isinstance(body, dict) or not isinstance(body.get("pushToken"), str):
         raise BadRequest('body must be JSON like {"pushToken": "<hex>"}')
-    token = body["pushToken"]
+    token: str = body["pushToken"]
     if not PUSH_TOKEN.match(token):
         raise BadRequest("malformed pushToken")
     return token
@@ -208,7 +208,7 @@ _packagers: dict[str, PassPackager] = {}  # template digest -> its packager
 
 
 @functools.cache
-def _signed_query() -> Select:  # type: ignore[type-arg]
+def _signed_query() -> Select[Any]:
     """Built once: a device storm should not pay for building the statement per request."""
     cards_t, programs_t, signed_t = Card.__table__, Program.__table__, SignedVersion.__table__
     return (select(cards_t.c.authentication_token, cards_t.c.content_hash,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, joinedload
@@ -127,7 +127,8 @@ class _VersionRecorder:
         self.known[card.id] = (card.content_hash, card.version, card.last_modified)
 
     def record(self, results: list[_Result]) -> list[str]:
-        updates, errors = [], []
+        updates: list[dict[str, Any]] = []  # executemany parameters
+        errors: list[str] = []
         for card_id, content_hash, error in results:
             old_hash, version, last_modified = self.known.pop(card_id)
             if error is not None:
@@ -152,7 +153,7 @@ class _VersionRecorder:
 
 def build_program(session: Session, services: Services, program: Program, out_dir: Path,
                   workers: int | None = None,
-                  progress: Callable[[int], None] | None = None) -> BuildReport:
+                  progress: Callable[[int], object] | None = None) -> BuildReport:
     out_dir.mkdir(parents=True, exist_ok=True)
     identity_row = cards.apple_identity(session, program)
     services.signing_identity(identity_row)  # fail fast, before starting workers

@@ -30,7 +30,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import quote
 
 import google.auth.exceptions
@@ -90,10 +90,19 @@ class GoogleCredentialsError(GoogleApiError):
         super().__init__(None, "invalid_credentials", message)
 
 
+class GoogleClientOptions(TypedDict, total=False):
+    """GoogleWalletClient's keyword arguments (Services.google_client_options)."""
+
+    session: requests.Session
+    max_retries: int
+    backoff: float
+    timeout: float
+
+
 class GoogleWalletClient:
     """Synchronous client for walletobjects v1 collections; safe to share between threads."""
 
-    def __init__(self, service_account_info: dict, api_url: str = GOOGLE_API_URL, *,
+    def __init__(self, service_account_info: dict[str, Any], api_url: str = GOOGLE_API_URL, *,
                  session: requests.Session | None = None, max_retries: int = 4,
                  backoff: float = 0.5, timeout: float = 10.0) -> None:
         if not isinstance(service_account_info, dict):
@@ -150,7 +159,7 @@ class GoogleWalletClient:
 
     # -- the API -----------------------------------------------------------------------
 
-    def get(self, resource: str, resource_id: str) -> dict | None:
+    def get(self, resource: str, resource_id: str) -> dict[str, Any] | None:
         """The stored class or object, or None when Google does not know the id."""
         try:
             return self._call("GET", self._item_path(resource, resource_id),
@@ -160,23 +169,24 @@ class GoogleWalletClient:
                 return None
             raise
 
-    def insert(self, resource: str, body: dict) -> dict:
+    def insert(self, resource: str, body: dict[str, Any]) -> dict[str, Any]:
         """Create; raises GoogleApiError with status 409 when the id exists."""
         return self._call("POST", self._collection_path(resource), body,
                           issuer_id=_issuer_of(body.get("id") if isinstance(body, dict) else None))
 
-    def patch(self, resource: str, resource_id: str, body: dict) -> dict:
+    def patch(self, resource: str, resource_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """Update the fields in ``body``; arrays given replace the stored ones whole."""
         return self._call("PATCH", self._item_path(resource, resource_id), body,
                           issuer_id=_issuer_of(resource_id))
 
-    def add_message(self, resource: str, resource_id: str, message: dict) -> dict:
+    def add_message(self, resource: str, resource_id: str, message: dict[str, Any]) -> dict[str, Any]:
         """Add a message (``TEXT`` or ``TEXT_AND_NOTIFY``); returns the updated resource."""
         answer = self._call("POST", self._item_path(resource, resource_id) + "/addMessage",
                             {"message": message}, issuer_id=_issuer_of(resource_id))
-        return answer.get("resource", answer)
+        updated: dict[str, Any] = answer.get("resource", answer)
+        return updated
 
-    def ensure(self, resource: str, body: dict) -> tuple[dict, bool]:
+    def ensure(self, resource: str, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """The resource with ``body["id"]``, inserted from ``body`` if Google lacks it.
 
         Returns ``(resource, created)``. An existing resource is returned as Google has
@@ -251,8 +261,8 @@ class GoogleWalletClient:
                                 f"{type(exc.args[0] if exc.args else exc).__name__}") from None
         log.debug("google: new access token for %s", self.service_account_email)
 
-    def _call(self, method: str, path: str, body: dict | None = None, *,
-              params: dict | None = None, issuer_id: str | None = None) -> dict:
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+              params: dict[str, Any] | None = None, issuer_id: str | None = None) -> dict[str, Any]:
         url = self.api_url + path
         operation = instruments.google_operation(method, path)
         refreshed = False
@@ -324,7 +334,7 @@ def _retryable(status: int, response: requests.Response) -> bool:
     return False
 
 
-def _json(response: requests.Response) -> dict:
+def _json(response: requests.Response) -> dict[str, Any]:
     if not response.content:
         return {}
     try:
@@ -335,7 +345,7 @@ def _json(response: requests.Response) -> dict:
     return data if isinstance(data, dict) else {"value": data}
 
 
-def _error_body(response: requests.Response) -> dict:
+def _error_body(response: requests.Response) -> dict[str, Any]:
     try:
         data = response.json()
     except ValueError:

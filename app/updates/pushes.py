@@ -41,13 +41,24 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import ColumnElement, Integer, any_, delete, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    SQLColumnExpression,
+    any_,
+    delete,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from app.infra import instruments, outbox
+from app.infra.db import rowcount, table_of
 from app.infra.http import transient
 from app.infra.models import (
     AppleIdentity,
@@ -60,7 +71,7 @@ from app.infra.models import (
 )
 from app.tracking import install_state
 from app.updates.apns import ApnsError, PushResult
-from app.updates.google_client import GoogleApiError
+from app.updates.google_client import GoogleApiError, GoogleWalletClient
 from app.updates.google_wallet import GoogleNotConfigured, sync_object
 from app.wallet.certs import CertificateError
 
@@ -108,7 +119,8 @@ class Drained:
                              else min(self.retry_in, delivery.retry_in))
 
 
-def _among(session: Session, column: Any, ids: Iterable[int]) -> ColumnElement[bool]:
+def _among(session: Session, column: SQLColumnExpression[int],
+           ids: Iterable[int]) -> ColumnElement[bool]:
     """``column IN ids``. On PostgreSQL as ``= ANY(:array)``: one parameter instead of
     a thousand, so the statement is compiled and parsed once, not per batch."""
     ids = list(ids)
@@ -203,7 +215,7 @@ def release_held(services: Services) -> int:
             update(PushJob).where(_among(session, PushJob.id, ids), PushJob.done_at.is_(None))
             .values(claimed_until=None).execution_options(synchronize_session=False))
         session.commit()
-    count: int = released.rowcount  # type: ignore[attr-defined]
+    count = rowcount(released)
     log.warning("released %d push job(s) still in flight at shutdown", count)
     return count
 
@@ -297,8 +309,8 @@ def _deliver_apple(services: Services, jobs: list[_Job], now: dt.datetime) -> li
                 log.error("%s", reason)
                 answers = [PushResult(t, None, reason, None) for t in tokens]
                 problem = None
-            for answer in answers:
-                results[(pass_type, answer.push_token)] = answer
+            for pushed in answers:
+                results[(pass_type, pushed.push_token)] = pushed
             if identity is not None:
                 _record_apns_status(session, identity, problem)
                 if problem is not None:
@@ -328,7 +340,7 @@ def _deliver_apple(services: Services, jobs: list[_Job], now: dt.datetime) -> li
                 elif answer.outcome == "credentials":
                     log.error("APNs refused certificate for %s: %s", pass_type, answer.reason)
         if attempts:  # Core insert: the ORM's bulk path costs more than the rows do
-            session.execute(insert(PushAttempt.__table__), attempts)
+            session.execute(insert(table_of(PushAttempt)), attempts)
         for reason, ids in flagged.items():
             session.execute(update(Registration).where(Registration.id.in_(ids))
                             .values(push_problem=reason, updated_at=now)
@@ -493,7 +505,8 @@ def _sync_google(services: Services, job: _Job) -> str:
             return "done"
         try:
             client = services.google_client(card.program.tenant)
-            sync_object(session, services, _Throttled(client), card)  # type: ignore[arg-type]
+            # _Throttled forwards the client's REST methods through __getattr__.
+            sync_object(session, services, cast("GoogleWalletClient", _Throttled(client)), card)
             session.commit()
         except GoogleNotConfigured:
             return "done"  # Google was switched off for this tenant: nothing to update

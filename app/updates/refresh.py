@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -26,7 +26,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from app.cards import cards
 from app.infra import outbox
-from app.infra.db import PUSH_DISPATCH_KEY
+from app.infra.db import PUSH_DISPATCH_KEY, table_of
 from app.infra.models import (
     AppleIdentity,
     Card,
@@ -44,6 +44,7 @@ from app.updates import rendering
 if TYPE_CHECKING:
     from app.services import Services
     from app.updates.rendering import Rendered, RenderJob, RenderPool
+    from app.wallet.builder import PassBuilder
 
 UPDATE_TAG = "card_update_tag"
 
@@ -162,7 +163,7 @@ class CardRefresher:
         session.flush()  # cards just created need their ids
         signed = _fetched_by_devices(session, [card.id for card in targets])
         by_config: dict[rendering.RenderConfig, list[RenderJob]] = {}
-        builders: dict[rendering.RenderConfig, object] = {}
+        builders: dict[rendering.RenderConfig, PassBuilder] = {}
         identities: dict[int, AppleIdentity | Exception] = {}
         by_id: dict[int, Card] = {}
         for card in targets:
@@ -192,13 +193,13 @@ class CardRefresher:
                 rendered += self.pool.render(config, jobs)
             else:
                 builder = builders[config]
-                rendered += [rendering.render_one(builder, job) for job in jobs]  # type: ignore[arg-type]
+                rendered += [rendering.render_one(builder, job) for job in jobs]
         changed: list[tuple[Card, str, bytes | None, bytes | None]] = []
         for card_id, content_hash, pass_json, signature, error in rendered:
             if error is not None:
                 result.errors.append(error)
-            elif content_hash != by_id[card_id].content_hash:
-                changed.append((by_id[card_id], content_hash, pass_json, signature))  # type: ignore[arg-type]
+            elif content_hash is not None and content_hash != by_id[card_id].content_hash:
+                changed.append((by_id[card_id], content_hash, pass_json, signature))
         if changed:
             _record_versions(session, changed)
             result.changed = [card for card, *_ in changed]
@@ -222,7 +223,7 @@ def _record_versions(session: Session,
     store_signed(session, [(card.id, content_hash, pass_json, signature)
                            for card, content_hash, pass_json, signature in changed
                            if pass_json is not None and signature is not None])
-    rows = []
+    rows: list[dict[str, Any]] = []  # executemany parameters
     for card, content_hash, _, _ in changed:
         rows.append({"card_id": card.id, "new_hash": content_hash,
                      "new_version": card.version + 1,
@@ -231,7 +232,7 @@ def _record_versions(session: Session,
     # Tags last: the counter row stays locked until the caller commits.
     for row, tag in zip(rows, reserve_update_tags(session, len(rows))):
         row["new_tag"] = tag
-    table = Card.__table__
+    table = table_of(Card)
     session.connection().execute(
         table.update().where(table.c.id == bindparam("card_id"))
         .values(content_hash=bindparam("new_hash"), version=bindparam("new_version"),

@@ -1,1 +1,2 @@
-"""Pure pass building (no database): Apple templates, images, packaging and signing; Google object bodies; previews."""
+"""Pure pass building (no database): Apple templates, images, packaging and signing; Google
+object bodies; previews."""

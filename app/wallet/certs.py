@@ -134,8 +134,10 @@ def find_wwdr(leaf: x509.Certificate, certs_path: Path,
         # Several copies (e.g. a renewed G4 with the same key): prefer one valid now,
         # then the one that lasts longest.
         now = datetime.now(UTC)
-        return max(matches, key=lambda c: (c.not_valid_before_utc <= now < c.not_valid_after_utc,
-                                           c.not_valid_after_utc))
+        best: x509.Certificate = max(
+            matches, key=lambda c: (c.not_valid_before_utc <= now < c.not_valid_after_utc,
+                                    c.not_valid_after_utc))
+        return best
     where = directory if directory.is_dir() else f"{directory} (directory missing)"
     note = f"; unreadable: {', '.join(skipped)}" if skipped else ""
     who = f"{leaf_path}: " if leaf_path else ""
@@ -274,7 +276,7 @@ def make_dev_certs(certs_path: Path, pass_type_identifier: str, team_identifier:
         root_cert = make_ca_certificate(
             _name(CN=DEV_ROOT_CN, O=organization, C="US"), root_key,
             not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=365 * 20))
-        wwdr_key = _new_rsa_key()
+        wwdr_key: SigningKey = _new_rsa_key()
         wwdr_cert = make_ca_certificate(
             _name(CN=DEV_WWDR_CN, OU="G4", O=organization, C="US"), wwdr_key,
             issuer=root_cert, issuer_key=root_key,

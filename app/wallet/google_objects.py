@@ -40,7 +40,7 @@ def object_id(issuer_id: str, serial_number: str) -> str:
 
 
 def kind_of(template: PassTemplate) -> str:
-    kind = template.google.get("kind", "loyalty")
+    kind: str = template.google.get("kind", "loyalty")
     if kind not in ("loyalty", "generic"):
         raise TemplateError(f"{template.path / 'template.toml'}: google.kind must be "
                             f"'loyalty' or 'generic'")
@@ -67,7 +67,7 @@ def localized(template: PassTemplate, key: str) -> dict[str, Any]:
 
 
 def _text(template: PassTemplate, key: str) -> str:
-    return localized(template, key)["defaultValue"]["value"]
+    return str(localized(template, key)["defaultValue"]["value"])
 
 
 def display(value: Any, locale: str | None) -> str:

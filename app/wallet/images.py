@@ -33,12 +33,12 @@ import tempfile
 import threading
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 try:  # LittleCMS is optional in Pillow builds; without it we fall back to naive conversion.
     from PIL import ImageCms
 except ImportError:  # pragma: no cover - depends on how Pillow was built
-    ImageCms = None  # type: ignore[assignment]
+    ImageCms = None  # type: ignore[assignment]  # a module or None; callers test for None
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _open(source: bytes, name: str) -> Image.Image:
         return ImageOps.exif_transpose(im)
     except ImageError:
         raise
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise ImageError(
             f"{name}: not a readable image (supported formats: {', '.join(ALLOWED_FORMATS)})"
         ) from None

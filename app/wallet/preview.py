@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from typing import Any
 
 import qrcode
@@ -40,7 +41,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _localizer(template: PassTemplate, locale: str | None):  # type: ignore[no-untyped-def]
+def _localizer(template: PassTemplate, locale: str | None) -> Callable[[Any], str]:
     """Labels and values that are .strings keys get the customer's language, as on a phone."""
     tables = template.strings
     chosen: dict[str, str] = {}

@@ -7,6 +7,7 @@ the rendered dictionary against the documented set (Apple "Pass" and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 STYLES = ("boardingPass", "coupon", "eventTicket", "generic", "storeCard")
@@ -114,7 +115,7 @@ def validate_pass(data: dict[str, Any], strings: dict[str, dict[str, str]] | Non
         raise PassSchemaError("; ".join(problems[:5]))
 
 
-def iter_problems(data: dict[str, Any], strings: dict[str, dict[str, str]]):  # type: ignore[no-untyped-def]
+def iter_problems(data: dict[str, Any], strings: dict[str, dict[str, str]]) -> Iterator[str]:
     for key, value in data.items():
         expected = TOP_LEVEL.get(key)
         if expected is None:
@@ -145,7 +146,7 @@ def iter_problems(data: dict[str, Any], strings: dict[str, dict[str, str]]):  # 
             yield f"{color} must look like 'rgb(12, 34, 56)', got {data[color]!r}"
 
 
-def _style_problems(style: str, body: dict[str, Any], strings: dict[str, dict[str, str]]):  # type: ignore[no-untyped-def]
+def _style_problems(style: str, body: dict[str, Any], strings: dict[str, dict[str, str]]) -> Iterator[str]:
     seen_keys: set[str] = set()
     limits = FIELD_LIMITS_BOARDING if style == "boardingPass" else FIELD_LIMITS
     if style == "boardingPass" and body.get("transitType") not in TRANSIT_TYPES:
@@ -166,7 +167,8 @@ def _style_problems(style: str, body: dict[str, Any], strings: dict[str, dict[st
             yield from _field_problems(f"{style}.{group}", field, seen_keys, strings)
 
 
-def _field_problems(where: str, field: Any, seen: set[str], strings: dict[str, dict[str, str]]):  # type: ignore[no-untyped-def]
+def _field_problems(where: str, field: Any, seen: set[str],
+                    strings: dict[str, dict[str, str]]) -> Iterator[str]:
     if not isinstance(field, dict):
         yield f"{where} entries must be objects"
         return
@@ -204,7 +206,7 @@ def _localized(text: str, strings: dict[str, dict[str, str]]) -> list[str]:
     return resolved or [text]
 
 
-def _barcode_problems(where: str, barcode: Any):  # type: ignore[no-untyped-def]
+def _barcode_problems(where: str, barcode: Any) -> Iterator[str]:
     if not isinstance(barcode, dict):
         yield f"{where} must be an object"
         return
@@ -234,4 +236,4 @@ def _is_rgb(value: str) -> bool:
 def _type_name(expected: Any) -> str:
     if isinstance(expected, tuple):
         return " or ".join(t.__name__ for t in expected)
-    return expected.__name__
+    return str(expected.__name__)

@@ -37,7 +37,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from flask import (
     Blueprint,
@@ -127,8 +127,8 @@ def requires(role: str) -> Callable[[F], F]:
                 abort(403, description=f"This page needs the {role} role.")
             return view(*args, **kwargs)
 
-        wrapper.admin_role = role  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        vars(wrapper)["admin_role"] = role  # a function attribute, read as view.admin_role
+        return cast(F, wrapper)  # wraps() kept the view's name and signature
 
     return decorate
 
@@ -161,7 +161,7 @@ def _session_data() -> dict[str, Any] | None:
     if not isinstance(data, dict):
         return None
     try:
-        parsed = {"uid": int(data["uid"]), "tid": int(data["tid"]), "fp": str(data["fp"]),
+        parsed: dict[str, Any] = {"uid": int(data["uid"]), "tid": int(data["tid"]), "fp": str(data["fp"]),
                   "at": float(data["at"])}
     except (KeyError, TypeError, ValueError):
         return None
@@ -197,9 +197,11 @@ def _headers(response: Response) -> Response:
         "frame-ancestors 'none'; base-uri 'none'"))
 
 
-def _page(template: str, status: int = 200, **context: Any) -> tuple[str, int]:
+def _page(template: str, http_status: int = 200, /, **context: Any) -> tuple[str, int]:
+    # Positional-only: a template variable named `status` (the webhooks filter) reaches the
+    # template instead of becoming the HTTP status.
     return render_template(f"admin/{template}", admin=g.get("admin"),
-                           csp_nonce=g.get("csp_nonce", ""), **context), status
+                           csp_nonce=g.get("csp_nonce", ""), **context), http_status
 
 
 def _audit(action: str, target: str | None = None, details: dict[str, Any] | None = None,
@@ -253,7 +255,7 @@ def _locked_for(key: str) -> int | None:
         if strategy.test(LOCKOUT, _LOCKOUT_NAMESPACE, key):
             return None
         reset = strategy.get_window_stats(LOCKOUT, _LOCKOUT_NAMESPACE, key).reset_time
-    except Exception:  # noqa: BLE001 - storage errors must not become 500s on sign-in
+    except Exception:  # storage errors must not become 500s on sign-in
         log.warning("sign-in lockout storage unavailable", exc_info=True)
         return None
     return max(int(reset - time.time()), 1)
@@ -265,7 +267,7 @@ def _count_failure(key: str, *, clear: bool = False) -> None:
             _strategy().clear(LOCKOUT, _LOCKOUT_NAMESPACE, key)
         else:
             _strategy().hit(LOCKOUT, _LOCKOUT_NAMESPACE, key)
-    except Exception:  # noqa: BLE001 - see _locked_for
+    except Exception:  # see _locked_for
         log.warning("sign-in lockout storage unavailable", exc_info=True)
 
 

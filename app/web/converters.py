@@ -42,7 +42,7 @@ class RowIdConverter(IntegerConverter):
 
     regex = up_to(bounds.ROW_ID_MAX)
 
-    def __init__(self, map: Map) -> None:  # noqa: A002 - werkzeug's name
+    def __init__(self, map: Map) -> None:  # werkzeug's name
         super().__init__(map, min=bounds.ROW_ID_MIN, max=bounds.ROW_ID_MAX)
 
     def to_python(self, value: str) -> Any:
@@ -53,8 +53,9 @@ class RowIdConverter(IntegerConverter):
 
     def json_schema(self) -> dict[str, Any]:
         """How the OpenAPI document describes this argument."""
-        return {"type": "integer", "format": "int64" if self.max > 2**31 - 1 else "int32",
-                "minimum": self.min, "maximum": self.max}
+        return {"type": "integer",
+                "format": "int64" if bounds.ROW_ID_MAX > 2**31 - 1 else "int32",
+                "minimum": bounds.ROW_ID_MIN, "maximum": bounds.ROW_ID_MAX}
 
 
 def register(app: Flask) -> None:

@@ -39,7 +39,7 @@ def init(app: Flask, *, secure_cookie: bool, machine_blueprints: list[Blueprint]
     csrf.init_app(app)
     for blueprint in machine_blueprints:
         csrf.exempt(blueprint)
-    for blueprint in app.blueprints.values():
-        prefix = blueprint.url_prefix or ""
+    for registered in app.blueprints.values():
+        prefix = registered.url_prefix or ""
         if prefix == API_PREFIX.rstrip("/") or prefix.startswith(API_PREFIX):
-            csrf.exempt(blueprint)
+            csrf.exempt(registered)

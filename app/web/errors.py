@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify, render_template, request
+from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
 
@@ -47,7 +48,7 @@ def problem(status: int, title: str, detail: str | None = None) -> Response:
 
 def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
+    def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         if wants_json():
             response = problem(status, exc.name, exc.description)
@@ -62,7 +63,7 @@ def register(app: Flask) -> None:
         return response
 
     @app.errorhandler(Exception)
-    def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]
+    def _unexpected(exc: Exception) -> ResponseReturnValue:
         if isinstance(exc, HTTPException):
             return _http_error(exc)
         if database_away(exc):  # restarting, failing over: come back shortly

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, abort, request, send_file
+from flask.typing import ResponseReturnValue
 
 from app.infra.models import utcnow
 from app.tracking.google_callbacks import CallbackError, verify_callback
@@ -33,7 +34,7 @@ def robots() -> Response:
 
 
 @bp.get("/google/images/<template>/<role>.png")
-def image(template: str, role: str):  # type: ignore[no-untyped-def]
+def image(template: str, role: str) -> ResponseReturnValue:
     """Template artwork Google fetches for classes and objects (no personal data)."""
     if role not in ROLES:
         abort(404)
@@ -49,7 +50,7 @@ def image(template: str, role: str):  # type: ignore[no-untyped-def]
 
 
 @bp.post("/google/callback/<issuer_id>")
-def callback(issuer_id: str):  # type: ignore[no-untyped-def]
+def callback(issuer_id: str) -> ResponseReturnValue:
 
     received_at = utcnow()  # the events' time (Google's expTimeMillis is ~1 h ahead)
     if not issuer_id.isdigit() or len(issuer_id) > 20:

@@ -7,6 +7,7 @@ import io
 from functools import cache
 
 from flask import Blueprint, Response, jsonify
+from flask.typing import ResponseReturnValue
 from PIL import Image
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -19,7 +20,7 @@ bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
-def healthz():  # type: ignore[no-untyped-def]
+def healthz() -> ResponseReturnValue:
     try:
         with services().db.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -29,7 +30,7 @@ def healthz():  # type: ignore[no-untyped-def]
 
 
 @bp.get("/healthz/pushes")
-def pushes_health():  # type: ignore[no-untyped-def]
+def pushes_health() -> ResponseReturnValue:
     """For monitoring, not load balancers: 503 while the push workers cannot connect to
     APNs with some certificate (refused, or APNs unreachable: see `passerelle certs
     check`), 200 otherwise. Counts only: pass types are not for the public."""

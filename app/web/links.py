@@ -52,6 +52,7 @@ from typing import Any
 import qrcode
 import qrcode.image.svg
 from flask import Blueprint, Response, g, redirect, render_template, request
+from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError
 from markupsafe import Markup
 from sqlalchemy import select
@@ -148,7 +149,7 @@ def _error_page(status: int, key: str) -> tuple[str, int]:
 
 
 @bp.errorhandler(links.LinkError)
-def _link_error(exc: links.LinkError):  # type: ignore[no-untyped-def]
+def _link_error(exc: links.LinkError) -> ResponseReturnValue:
     log.info("refused a link: %s", exc)  # the message names ids, never the token
     if isinstance(exc, links.LinkInvalid):
         return _error_page(403, "link_invalid")
@@ -190,24 +191,24 @@ def _send_form(grant: links.LinkGrant) -> dict[str, Any]:
 
 
 @bp.errorhandler(PageError)
-def _page_error(exc: PageError):  # type: ignore[no-untyped-def]
+def _page_error(exc: PageError) -> ResponseReturnValue:
     return _error_page(exc.status, exc.key)
 
 
 @bp.errorhandler(CSRFError)
-def _csrf_error(exc: CSRFError):  # type: ignore[no-untyped-def]
+def _csrf_error(exc: CSRFError) -> ResponseReturnValue:
     log.info("refused a form post on %s: %s", request.endpoint, exc.description)
     return _error_page(400, "csrf")
 
 
 @bp.errorhandler(HTTPException)
-def _http_error(exc: HTTPException):  # type: ignore[no-untyped-def]
+def _http_error(exc: HTTPException) -> ResponseReturnValue:
     status = exc.code or 500
     return _error_page(status, _STATUS_KEYS.get(status, "error"))
 
 
 @bp.errorhandler(Exception)
-def _unexpected(exc: Exception):  # type: ignore[no-untyped-def]
+def _unexpected(exc: Exception) -> ResponseReturnValue:
     if errors.database_away(exc):  # a database restart: "try again in a moment", 503
         errors.log_database_away(exc)
         html, status = _error_page(503, "error")
@@ -324,7 +325,7 @@ def _landing(session: Session, program: Program, customer: Customer, page_token:
     # A wallet this device takes is missing: the member may have the link emailed, to add
     # the card later or on another phone.
     send = offer.missing is not None and card_mail.enabled(svc)
-    context = dict(
+    context: dict[str, Any] = dict(
         brand=branding(svc, program), platform=offer.layout, offer=offer,
         notice=NOTICES.get(notice or ""), show_apple=offer.apple, show_google=offer.google,
         apple_url=f"{base}/apple", google_url=f"{base}/google", all_url=f"{base}/card?all=1",
@@ -338,7 +339,7 @@ def _landing(session: Session, program: Program, customer: Customer, page_token:
 
 @bp.get("/l/<token>")
 @limiter.shared_limit(LINK_LIMIT, scope="links")
-def open_link(token: str):  # type: ignore[no-untyped-def]
+def open_link(token: str) -> ResponseReturnValue:
     grant = _resolve(token)
     svc = services()
     platform = _platform()
@@ -362,7 +363,7 @@ def open_link(token: str):  # type: ignore[no-untyped-def]
 
 @bp.get("/l/<token>/card")
 @limiter.shared_limit(LINK_LIMIT, scope="links")
-def card_page(token: str):  # type: ignore[no-untyped-def]
+def card_page(token: str) -> ResponseReturnValue:
     grant = _resolve(token)
     svc = services()
     with _transaction(grant) as session:
@@ -374,7 +375,7 @@ def card_page(token: str):  # type: ignore[no-untyped-def]
 
 @bp.get("/s")
 @limiter.shared_limit(LINK_LIMIT, scope="links")
-def open_signed():  # type: ignore[no-untyped-def]
+def open_signed() -> ResponseReturnValue:
     """Exchange a signed link for a token link: the external id stops at this request."""
     grant = _resolve_signed(request.args)
     svc = services()
@@ -410,7 +411,7 @@ def _pkpass(grant: links.LinkGrant) -> Response:
     return response
 
 
-def _google(grant: links.LinkGrant):  # type: ignore[no-untyped-def]
+def _google(grant: links.LinkGrant) -> ResponseReturnValue:
     svc = services()
     with _transaction(grant) as session:
         program = _program(session, grant)
@@ -436,7 +437,7 @@ def apple(token: str) -> Response:
 
 @bp.get("/l/<token>/google")
 @limiter.shared_limit(LINK_LIMIT, scope="links")
-def google(token: str):  # type: ignore[no-untyped-def]
+def google(token: str) -> ResponseReturnValue:
     return _google(_resolve(token))
 
 
@@ -448,7 +449,7 @@ def signed_apple() -> Response:
 
 @bp.get("/s/google")
 @limiter.shared_limit(LINK_LIMIT, scope="links")
-def signed_google():  # type: ignore[no-untyped-def]
+def signed_google() -> ResponseReturnValue:
     return _google(_resolve_signed(request.args))
 
 
@@ -489,13 +490,13 @@ def _dead_or_alive(resolve: Callable[[Session], links.LinkGrant]) -> links.LinkG
 
 @bp.post("/l/<token>/send")
 @limiter.limit(FORM_LIMIT)
-def send_link(token: str):  # type: ignore[no-untyped-def]
+def send_link(token: str) -> ResponseReturnValue:
     return _send_card_link(_dead_or_alive(lambda session: links.resolve_token(session, token)))
 
 
 @bp.post("/s/send")
 @limiter.limit(FORM_LIMIT)
-def signed_send_link():  # type: ignore[no-untyped-def]
+def signed_send_link() -> ResponseReturnValue:
     return _send_card_link(_dead_or_alive(
         lambda session: links.resolve_signed(session, request.form)))
 
@@ -551,14 +552,14 @@ def _form_changed(program: Program, lang: str) -> bool:
     return request.form.get("texts") != enrollment.texts_digest(texts)
 
 
-def _pretend_success() -> Response:
+def _pretend_success() -> ResponseReturnValue:
     """A bot filled the honeypot: answer like a success, store nothing."""
     log.info("honeypot filled on %s; nothing stored", request.endpoint)
     return redirect(f"{links.token_path(links.new_token())}?done=welcome", code=303)
 
 
 def _submit_enrollment(session: Session, program: Program, source: links.LinkGrant | Program,
-                       campaign: str | None, action: str):  # type: ignore[no-untyped-def]
+                       campaign: str | None, action: str) -> ResponseReturnValue:
     """Enroll from the posted form; 303 to the new card's landing (identical for every email)."""
     lang = _posted_lang()
     if _form_changed(program, lang) and not enrollment.is_repeat(session, program, request.form):
@@ -580,7 +581,7 @@ def _submit_enrollment(session: Session, program: Program, source: links.LinkGra
 
 @bp.post("/l/<token>")
 @limiter.limit(FORM_LIMIT)
-def submit_link_form(token: str):  # type: ignore[no-untyped-def]
+def submit_link_form(token: str) -> ResponseReturnValue:
     grant = _resolve(token)
     if request.form.get(HONEYPOT):
         return _pretend_success()
@@ -626,7 +627,7 @@ def _join_tenant(tenant_slug: str) -> int:
 @bp.route("/join/<tenant_slug>/<program_slug>", methods=["GET", "POST"])
 @limiter.limit(FORM_LIMIT, methods=["POST"])
 @limiter.shared_limit(LINK_LIMIT, scope="links", methods=["GET"])
-def join(tenant_slug: str, program_slug: str):  # type: ignore[no-untyped-def]
+def join(tenant_slug: str, program_slug: str) -> ResponseReturnValue:
     """The public enrollment form of a program (campaign from ``?campaign=``)."""
     tenant_id = _join_tenant(tenant_slug)
     if request.method == "POST" and request.form.get(HONEYPOT):

@@ -12,6 +12,7 @@ import ipaddress
 import time
 
 from flask import Blueprint, Flask, Response, abort, g, jsonify, request
+from flask.typing import ResponseReturnValue
 
 from app.infra import instruments
 from app.ops import metrics
@@ -36,7 +37,7 @@ def init(app: Flask) -> None:
 
 
 @bp.get("/readyz")
-def readyz():  # type: ignore[no-untyped-def]
+def readyz() -> ResponseReturnValue:
     from flask import current_app
 
     checks = current_app.extensions["passerelle.readiness"].checks()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from flask import Blueprint, Response, jsonify, request
+from flask.typing import ResponseReturnValue
 
 from app.updates import apple_service as passkit
 from app.web import services
@@ -45,7 +46,7 @@ def _not_authorized(_exc: passkit.NotAuthorized) -> Response:
 
 
 @bp.post("/devices/<device>/registrations/<pass_type>/<serial>")
-def register(device: str, pass_type: str, serial: str):  # type: ignore[no-untyped-def]
+def register(device: str, pass_type: str, serial: str) -> ResponseReturnValue:
     passkit.check_identifiers(device, pass_type, serial)
     with services().db.transaction() as session:  # the request owns the transaction
         card = passkit.authenticate(session, pass_type, serial,
@@ -56,7 +57,7 @@ def register(device: str, pass_type: str, serial: str):  # type: ignore[no-untyp
 
 
 @bp.delete("/devices/<device>/registrations/<pass_type>/<serial>")
-def unregister(device: str, pass_type: str, serial: str):  # type: ignore[no-untyped-def]
+def unregister(device: str, pass_type: str, serial: str) -> ResponseReturnValue:
     passkit.check_identifiers(device, pass_type, serial)
     with services().db.transaction() as session:
         card = passkit.authenticate(session, pass_type, serial,
@@ -66,7 +67,7 @@ def unregister(device: str, pass_type: str, serial: str):  # type: ignore[no-unt
 
 
 @bp.get("/devices/<device>/registrations/<pass_type>")
-def serials(device: str, pass_type: str):  # type: ignore[no-untyped-def]
+def serials(device: str, pass_type: str) -> ResponseReturnValue:
     passkit.check_identifiers(device, pass_type)
     # A plain connection, no ORM session: devices ask this in storms after a push.
     with services().db.engine.connect() as connection:
@@ -81,7 +82,7 @@ def serials(device: str, pass_type: str):  # type: ignore[no-untyped-def]
 
 
 @bp.route("/passes/<pass_type>/<serial>", methods=["GET", "HEAD"])
-def latest_pass(pass_type: str, serial: str):  # type: ignore[no-untyped-def]
+def latest_pass(pass_type: str, serial: str) -> ResponseReturnValue:
     passkit.check_identifiers(pass_type=pass_type, serial=serial)
     svc = services()
     header = request.headers.get("Authorization")
@@ -108,7 +109,7 @@ def latest_pass(pass_type: str, serial: str):  # type: ignore[no-untyped-def]
 
 @bp.post("/log")
 @limiter.limit(DEVICE_LOG_LIMIT)
-def log():  # type: ignore[no-untyped-def]
+def log() -> ResponseReturnValue:
     messages = passkit.parse_logs(_json_body())
     with services().db.transaction() as session:
         passkit.store_logs(session, messages)

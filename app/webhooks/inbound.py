@@ -39,10 +39,10 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -58,6 +58,7 @@ from app.customers.customers import (
     update_customer,
     upsert_customer,
 )
+from app.infra.db import rowcount
 from app.infra.models import Customer, InboundEvent, InboundHook, Tenant, utcnow
 from app.updates import refresh as updates
 from app.webhooks import outbound as webhooks_out
@@ -163,6 +164,12 @@ def create_hook(session: Session, tenant: Tenant, slug: str, auth: str = "header
     return hook, secret
 
 
+class Headers(Protocol):
+    """Request headers: a dict or werkzeug's Headers (not a Mapping), read by items()."""
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
 def check_mapping(mapping: Mapping[str, Any]) -> None:
     """Refuse a mapping we would misread: unknown keys, actions, or path types."""
     unknown = set(mapping) - set(DEFAULT_MAPPING)
@@ -197,7 +204,7 @@ def url_path(tenant_slug: str, hook_slug: str) -> str:
 
 # -- authentication -------------------------------------------------------------------
 
-def authenticate(hook: InboundHook, headers: Mapping[str, str], body: bytes) -> None:
+def authenticate(hook: InboundHook, headers: Headers, body: bytes) -> None:
     """Raise InboundAuthError unless the request carries the hook's secret or signature.
 
     HMAC signatures are accepted as hex or base64, optionally prefixed ``sha256=``
@@ -229,7 +236,7 @@ def _signature_matches(secret: str, given: str, body: bytes) -> bool:
     return any(matches)
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
+def _header(headers: Headers, name: str) -> str | None:
     wanted = name.lower()
     for key, value in headers.items():
         if key.lower() == wanted:
@@ -244,7 +251,7 @@ def _sha256(data: bytes) -> str:
 # -- receiving ------------------------------------------------------------------------
 
 def receive(session: Session, services: Services, hook: InboundHook,
-            headers: Mapping[str, str], body: bytes) -> Received:
+            headers: Headers, body: bytes) -> Received:
     """Authenticate, store, and apply one event; the caller commits.
 
     Raises only InboundAuthError (nothing stored) and infrastructure errors
@@ -303,7 +310,7 @@ def _claim(session: Session, hook: InboundHook, event_id: str, event_type: str |
             update(InboundEvent).where(InboundEvent.id == existing.id,
                                        InboundEvent.status == "failed")
             .values(status="processing").execution_options(synchronize_session=False))
-        if taken.rowcount != 1:  # type: ignore[attr-defined]
+        if rowcount(taken) != 1:
             return None
         session.refresh(existing)
         existing.event_type, existing.payload = event_type, payload  # this attempt's body

@@ -776,6 +776,10 @@ def test_webhook_deliveries_and_attempts(app, services, world) -> None:  # type:
     assert "card.installed" not in client.get("/admin/webhooks?status=delivered").get_data(
         as_text=True).split('id="deliveries-title"')[1]
     assert client.get("/admin/webhooks?status=bogus").status_code == 400
+    filtered = client.get("/admin/webhooks?status=failing")
+    # The filter reaches the template (marked current), not the HTTP status line.
+    assert filtered.status_code == 200
+    assert ('status=failing" aria-current="page"' in filtered.get_data(as_text=True))
     detail = client.get(f"/admin/webhooks/deliveries/{world['a_delivery']}").get_data(as_text=True)
     assert "evt-a" in detail and "12 ms" in detail
 
@@ -829,7 +833,7 @@ def test_health_shows_certificates_push_failures_and_queues(app, services, world
     assert "pass.dev.passerelle.demo" in body
     expires = re.search(r"<code>pass.dev.passerelle.demo</code></td>\s*<td>(\d{4}-\d\d-\d\d)</td>",
                         body)
-    assert expires and dt.date.fromisoformat(expires.group(1)) > dt.date.today()
+    assert expires and dt.date.fromisoformat(expires.group(1)) > dt.datetime.now(dt.UTC).date()
     assert "BadDeviceToken" in body and serial in body
     queues = body.split('id="queues"')[1].split("</section>")[0]
     assert re.search(r"Apple pushes</th><td class=\"num\">1<", queues)

@@ -164,7 +164,7 @@ def _sample_path(rule) -> str:  # type: ignore[no-untyped-def]
     from app.web.converters import RowIdConverter
 
     def value(match: re.Match[str]) -> str:
-        converter = rule._converters[match.group(1)]  # noqa: SLF001
+        converter = rule._converters[match.group(1)]
         return "1" if isinstance(converter, RowIdConverter) else "x"
 
     return re.sub(r"<(?:[^<>]*:)?([A-Za-z_][A-Za-z0-9_]*)>", value, rule.rule)

@@ -368,7 +368,8 @@ def test_an_enrollment_is_written_to_the_crm_as_submitted(services, demo, crm) -
 
 
 @pytest.mark.parametrize("mode", ["503", "closed"])
-def test_crm_down_during_a_submission_keeps_it_and_delivers_it_once_back(services, demo, crm, mode, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_crm_down_during_a_submission_keeps_it_and_delivers_it_once_back(  # type: ignore[no-untyped-def]
+        services, demo, crm, mode, monkeypatch) -> None:
     tenant_id = demo["tenant_id"]
     crm.add(crm_json(**CAMILLE))
     crm.down(mode)
@@ -528,7 +529,8 @@ def test_the_credential_comes_from_the_environment_and_is_never_logged(services,
 
 # -- the worker ---------------------------------------------------------------------------
 
-def test_worker_delivers_a_write_made_while_the_crm_was_down(settings, demo, monkeypatch, keep_signal_handlers) -> None:  # type: ignore[no-untyped-def]
+def test_worker_delivers_a_write_made_while_the_crm_was_down(  # type: ignore[no-untyped-def]
+        settings, demo, monkeypatch, keep_signal_handlers) -> None:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     monkeypatch.setattr(crm_outbox, "FIRST_RETRY", dt.timedelta(seconds=0.3))
     services = Services(settings)

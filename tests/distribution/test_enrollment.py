@@ -123,7 +123,7 @@ def test_optional_fields_are_cleaned() -> None:
     assert ok.errors == {}
     assert ok.values["email"] == "noor.haddad@example.org"
     assert ok.values["birthday"] == dt.date(1990, 4, 1) and ok.attributes == {"postal_code": "75011"}
-    future = (dt.date.today() + dt.timedelta(days=2)).isoformat()
+    future = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=2)).isoformat()
     bad = enrollment.validate(config, _form(phone="call me", birthday=future, postal_code="<b>"),
                               email=True, fields=True)
     assert bad.errors == {"phone": "error.phone", "birthday": "error.birthday",

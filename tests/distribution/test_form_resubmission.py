@@ -202,7 +202,7 @@ def _race(services, tenant_id: int, work: Callable[[Any], Any]) -> tuple[Any, An
         try:
             outcome["second"] = work(session)
             session.commit()
-        except Exception as exc:  # reported to the test's thread
+        except Exception as exc:  # noqa: BLE001 - reported to the test's thread
             session.rollback()
             outcome["error"] = exc
         finally:

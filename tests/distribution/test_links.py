@@ -228,7 +228,7 @@ def test_concurrent_uses_never_exceed_the_limit(services, demo) -> None:  # type
                 links.record_use(second, grant)
                 second.commit()
                 outcome.append(None)
-            except Exception as exc:  # reported to the test's thread
+            except Exception as exc:  # noqa: BLE001 - reported to the test's thread
                 second.rollback()
                 outcome.append(exc)
 

@@ -27,7 +27,7 @@ def int_like_rules(app) -> list[tuple[Rule, str]]:  # type: ignore[no-untyped-de
     """(rule, argument) for every path argument a numeric converter parses."""
     found = []
     for rule in app.url_map.iter_rules():
-        for name, converter in rule._converters.items():  # noqa: SLF001 - the map's own view
+        for name, converter in rule._converters.items():  # the map's own view
             if isinstance(converter, NumberConverter):
                 found.append((rule, name))
     return found
@@ -79,7 +79,7 @@ def test_every_numeric_path_argument_takes_a_row_id(app) -> None:  # type: ignor
     from app.web.converters import RowIdConverter
 
     others = [f"{rule.rule} <{name}>" for rule, name in int_like_rules(app)
-              if not isinstance(rule._converters[name], RowIdConverter)]  # noqa: SLF001
+              if not isinstance(rule._converters[name], RowIdConverter)]
     assert not others
     assert ROW_ID_MAX == 2**31 - 1  # every id column is an Integer today
 

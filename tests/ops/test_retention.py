@@ -174,6 +174,7 @@ def test_prune_command_reports_per_table_and_refuses_bad_settings(runner, servic
 def test_the_worker_prunes_daily(services, history) -> None:  # type: ignore[no-untyped-def]
     task = services.jobs.prune
     periodic = task.task_class()
-    assert periodic.validate_datetime(dt.datetime(2026, 12, 3, 3, 17))
-    assert not periodic.validate_datetime(dt.datetime(2026, 12, 3, 4, 17))
+    # Huey's crontab matches naive times (its clock is naive UTC by default).
+    assert periodic.validate_datetime(dt.datetime(2026, 12, 3, 3, 17))  # noqa: DTZ001
+    assert not periodic.validate_datetime(dt.datetime(2026, 12, 3, 4, 17))  # noqa: DTZ001
     assert task.call_local()["push_attempts"] == 2

@@ -195,7 +195,7 @@ def test_segment_validation_and_params(world) -> None:  # type: ignore[no-untype
     with pytest.raises(ValueError, match="points_min"):
         Segment(1, points_min=5, points_max=1)
     with pytest.raises(ValueError, match="aware"):
-        Segment(1, created_from=dt.datetime(2026, 1, 1))
+        Segment(1, created_from=dt.datetime(2026, 1, 1))  # noqa: DTZ001 - naive on purpose
     segment = Segment.from_params(7, {"state": "not-installed", "points_min": "10",
                                       "created_to": "2026-03-01", "tier": " ",
                                       "include_without_consent": "true"})

@@ -311,28 +311,28 @@ GOOGLE_ROOT_KEY = ("MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEs/J7ghdwu4/b6NvqzQebS+Z8
 REAL_CALLBACKS = {
     "del, issuer 3388000000022141777 (2025-10)": (
         "3388000000022141777",
-        r'''{"signature":"MEUCIQC+xKva1ydmNwJJiP2HJJWsteUe02ztTDKExzcWIpmlywIgJwD4HUYvZJg/cr1OL21vVKr0b2ZXt79NblCQ1V18zsc=","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEKb256ssDdmf7DokZ7jsMtAvjiTX2HF1ay8QR1sSA+gFpC/ChhRwVdMEVJTaoAP1MIH38QWtqShiQ63zROaKtgQ\\u003d\\u003d\",\"keyExpiration\":\"1759996807000\"}","signatures":["MEUCIDd7rXh7qgJZ7YSlQiXG2zOdZUT5XlMSUPu3RfyV3p2CAiEApxrIwTmRVig93FVJUC6bSWdQXMqata5sHenKsVYreUk="]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"3388000000022141777.lib.edutap.eu\",\"objectId\":\"3388000000022141777.6b4cbd15-0de7-4fe8-95f6-995a51b4595e.object\",\"eventType\":\"del\",\"expTimeMillis\":1759331348143,\"count\":1,\"nonce\":\"1a9e3df0-ec10-4a17-8b39-89d2d7f48e3b\"}"}''',  # noqa: E501
+        r'''{"signature":"MEUCIQC+xKva1ydmNwJJiP2HJJWsteUe02ztTDKExzcWIpmlywIgJwD4HUYvZJg/cr1OL21vVKr0b2ZXt79NblCQ1V18zsc=","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEKb256ssDdmf7DokZ7jsMtAvjiTX2HF1ay8QR1sSA+gFpC/ChhRwVdMEVJTaoAP1MIH38QWtqShiQ63zROaKtgQ\\u003d\\u003d\",\"keyExpiration\":\"1759996807000\"}","signatures":["MEUCIDd7rXh7qgJZ7YSlQiXG2zOdZUT5XlMSUPu3RfyV3p2CAiEApxrIwTmRVig93FVJUC6bSWdQXMqata5sHenKsVYreUk="]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"3388000000022141777.lib.edutap.eu\",\"objectId\":\"3388000000022141777.6b4cbd15-0de7-4fe8-95f6-995a51b4595e.object\",\"eventType\":\"del\",\"expTimeMillis\":1759331348143,\"count\":1,\"nonce\":\"1a9e3df0-ec10-4a17-8b39-89d2d7f48e3b\"}"}''',
         CallbackMessage("3388000000022141777.lib.edutap.eu",
                         "3388000000022141777.6b4cbd15-0de7-4fe8-95f6-995a51b4595e.object",
                         "del", "1a9e3df0-ec10-4a17-8b39-89d2d7f48e3b", 1759331348143),
     ),
     "save, issuer 3388000000022141777 (2024-12)": (
         "3388000000022141777",
-        r'''{"signature":"MEYCIQCyuBQo/Dao7yUBDUWK12ATFBDkUfJUnropjOaPbPiKEwIhAKXNiVrbNmydpEVIxXRz5z36f8HV2Meq/Td6tqt2+DYO","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE3JpSX3AU53vH+IpWBdsbqrL7Ey67QSERsDUztFt8q7t7PzVkh14SeYeokI1zSZiVAWnx4tXD1tCPbrvfFGB8OA\\u003d\\u003d\",\"keyExpiration\":\"1735023986000\"}","signatures":["MEUCIQD3IBTpRM45gpno9Remtx/FiDCOJUp45+C+Qzw6IrgphwIgJijXISc+Ft8Sj9eXNowzuYyXyWlgKAE+tVnN24Sek5M="]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"3388000000022141777.pass.gift.dev.edutap.eu\",\"objectId\":\"3388000000022141777.9fd4e525-777c-4e0d-878a-b7993e211997\",\"eventType\":\"save\",\"expTimeMillis\":1734366082269,\"count\":1,\"nonce\":\"c1359b53-f2bb-4e8f-b392-9a560a21a9a0\"}"}''',  # noqa: E501
+        r'''{"signature":"MEYCIQCyuBQo/Dao7yUBDUWK12ATFBDkUfJUnropjOaPbPiKEwIhAKXNiVrbNmydpEVIxXRz5z36f8HV2Meq/Td6tqt2+DYO","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE3JpSX3AU53vH+IpWBdsbqrL7Ey67QSERsDUztFt8q7t7PzVkh14SeYeokI1zSZiVAWnx4tXD1tCPbrvfFGB8OA\\u003d\\u003d\",\"keyExpiration\":\"1735023986000\"}","signatures":["MEUCIQD3IBTpRM45gpno9Remtx/FiDCOJUp45+C+Qzw6IrgphwIgJijXISc+Ft8Sj9eXNowzuYyXyWlgKAE+tVnN24Sek5M="]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"3388000000022141777.pass.gift.dev.edutap.eu\",\"objectId\":\"3388000000022141777.9fd4e525-777c-4e0d-878a-b7993e211997\",\"eventType\":\"save\",\"expTimeMillis\":1734366082269,\"count\":1,\"nonce\":\"c1359b53-f2bb-4e8f-b392-9a560a21a9a0\"}"}''',
         CallbackMessage("3388000000022141777.pass.gift.dev.edutap.eu",
                         "3388000000022141777.9fd4e525-777c-4e0d-878a-b7993e211997",
                         "save", "c1359b53-f2bb-4e8f-b392-9a560a21a9a0", 1734366082269),
     ),
     "activate, issuer 3388000000022335801 (2024-08)": (
         "3388000000022335801",
-        r'''{"signature":"MEUCIQCpYXep9bIFAT/PMe2kekpGdsWBPSIXZRFe2//QICWOFAIgCGPUJ6BnLDxvuJnMFz7IFkIV8jnIK0FQnKbNJw1i7oQ\u003d","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAElMAF/BuFhKQzFwpbZDWmpFRGsW8Ow4QZE31CbT4Y0O15xQ8AAMD8y698okEifN6UQlEh4et3hth9BDH81/Rkaw\\u003d\\u003d\",\"keyExpiration\":\"1723850860000\"}","signatures":["MEUCIGU5NAJcFcg03FWUq04gC0hYzVmRLHbwvlSCz6BTqTHGAiEAsRG9gdW5r5Gds4vk+Dj3V8X3iwF1aeflCiSCTi5qkgQ\u003d"]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"3388000000022335801.eth-motics-with-link\",\"objectIds\":[\"3388000000022335801.efd427a7-05a4-439d-b314-e4b999c8509b\"],\"eventType\":\"activate\",\"expTimeMillis\":1723181833549,\"count\":1,\"nonce\":\"0cfe3927-7ce2-4471-bc27-c819c2910901\",\"deviceContext\":\"49776974-bcf3-4445-9c01-2c9467ef87ff\"}"}''',  # noqa: E501
+        r'''{"signature":"MEUCIQCpYXep9bIFAT/PMe2kekpGdsWBPSIXZRFe2//QICWOFAIgCGPUJ6BnLDxvuJnMFz7IFkIV8jnIK0FQnKbNJw1i7oQ\u003d","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAElMAF/BuFhKQzFwpbZDWmpFRGsW8Ow4QZE31CbT4Y0O15xQ8AAMD8y698okEifN6UQlEh4et3hth9BDH81/Rkaw\\u003d\\u003d\",\"keyExpiration\":\"1723850860000\"}","signatures":["MEUCIGU5NAJcFcg03FWUq04gC0hYzVmRLHbwvlSCz6BTqTHGAiEAsRG9gdW5r5Gds4vk+Dj3V8X3iwF1aeflCiSCTi5qkgQ\u003d"]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"3388000000022335801.eth-motics-with-link\",\"objectIds\":[\"3388000000022335801.efd427a7-05a4-439d-b314-e4b999c8509b\"],\"eventType\":\"activate\",\"expTimeMillis\":1723181833549,\"count\":1,\"nonce\":\"0cfe3927-7ce2-4471-bc27-c819c2910901\",\"deviceContext\":\"49776974-bcf3-4445-9c01-2c9467ef87ff\"}"}''',
         CallbackMessage("3388000000022335801.eth-motics-with-link",
                         "3388000000022335801.efd427a7-05a4-439d-b314-e4b999c8509b",
                         "activate", "0cfe3927-7ce2-4471-bc27-c819c2910901", 1723181833549),
     ),
     "save, issuer 3388000000022211970 (2023-08)": (
         "3388000000022211970",
-        r'''{"signature":"MEQCICNRcl4MLW0d5hcFi/h2OijYW2boEU5IS9I37wOJO0v8AiB0et62sYYI00gO4QeXS0ZlLCjpkLqvLk4SsCx6f5jfyQ==","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEIQab9kGfAsSgBnFPMXGXlOpL7WhWqCYC/FjS70H4bhp/qbyaBIMR3R98cEylL4jCJiVFQ8dtltpr3NCzq/iTgg\\u003d\\u003d\",\"keyExpiration\":\"1692688147000\"}","signatures":["MEYCIQCOhXCleCo64oKagwmJWUGmvODW5iAeZzQAocRcMiceIAIhAJENpGpyKYgSNybrA68pLFFsGTNFiQ4i4qL0bRnpgIDd"]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"3388000000022211970.membercard\",\"objectId\":\"3388000000022211970.20233587\",\"eventType\":\"save\",\"expTimeMillis\":1692032148434,\"count\":1,\"nonce\":\"22729f93-640a-40fc-9679-02d6fab107a0\"}"}''',  # noqa: E501
+        r'''{"signature":"MEQCICNRcl4MLW0d5hcFi/h2OijYW2boEU5IS9I37wOJO0v8AiB0et62sYYI00gO4QeXS0ZlLCjpkLqvLk4SsCx6f5jfyQ==","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEIQab9kGfAsSgBnFPMXGXlOpL7WhWqCYC/FjS70H4bhp/qbyaBIMR3R98cEylL4jCJiVFQ8dtltpr3NCzq/iTgg\\u003d\\u003d\",\"keyExpiration\":\"1692688147000\"}","signatures":["MEYCIQCOhXCleCo64oKagwmJWUGmvODW5iAeZzQAocRcMiceIAIhAJENpGpyKYgSNybrA68pLFFsGTNFiQ4i4qL0bRnpgIDd"]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"3388000000022211970.membercard\",\"objectId\":\"3388000000022211970.20233587\",\"eventType\":\"save\",\"expTimeMillis\":1692032148434,\"count\":1,\"nonce\":\"22729f93-640a-40fc-9679-02d6fab107a0\"}"}''',
         CallbackMessage("3388000000022211970.membercard", "3388000000022211970.20233587",
                         "save", "22729f93-640a-40fc-9679-02d6fab107a0", 1692032148434),
     ),
@@ -341,7 +341,7 @@ REAL_CALLBACKS = {
 # was published. Google's signature on its intermediate key still holds; its message's does not.
 EDITED_REAL_CALLBACK = (
     "3388000000022025937",
-    r'''{"signature":"MEUCIQCJi26vl+ak17dsHDbZZnRZxm51duUAPiYLwOIr9rVvAAIgGUfR18gpKTq1+Msav0vPrWvC6x9dDRwWFX/b85+jE1k\u003d","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEVsEtOdPMaE+DJDzuCJaO7EJXaHor4Kyklp411iwfBa+5TmdbiEWUXzewA79H0PXjdyRMhKBY99+sh056JB75LQ\\u003d\\u003d\",\"keyExpiration\":\"1754778096000\"}","signatures":["MEUCIC29Ju3bt9kklbbA9QAJZW0hh2zecbHDzGo4hF1zRi1zAiEA6e201l1TEl85Row6XHybfDoewIKC4vYpnrlmUT9WbrE\u003d"]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"1388000000022025937.LOYALTY_CLASS_dada6069-0799-44ec-a38d-c482484902e1\",\"objectId\":\"3388000000022025937.LOYALTY_OBJECT_xxxxxxxxxxxxx\",\"eventType\":\"save\",\"expTimeMillis\":1754114831806,\"count\":1,\"nonce\":\"40a8e5af-5b7f-4ea4-b152-63d96858550e\"}"}''',  # noqa: E501
+    r'''{"signature":"MEUCIQCJi26vl+ak17dsHDbZZnRZxm51duUAPiYLwOIr9rVvAAIgGUfR18gpKTq1+Msav0vPrWvC6x9dDRwWFX/b85+jE1k\u003d","intermediateSigningKey":{"signedKey":"{\"keyValue\":\"MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEVsEtOdPMaE+DJDzuCJaO7EJXaHor4Kyklp411iwfBa+5TmdbiEWUXzewA79H0PXjdyRMhKBY99+sh056JB75LQ\\u003d\\u003d\",\"keyExpiration\":\"1754778096000\"}","signatures":["MEUCIC29Ju3bt9kklbbA9QAJZW0hh2zecbHDzGo4hF1zRi1zAiEA6e201l1TEl85Row6XHybfDoewIKC4vYpnrlmUT9WbrE\u003d"]},"protocolVersion":"ECv2SigningOnly","signedMessage":"{\"classId\":\"1388000000022025937.LOYALTY_CLASS_dada6069-0799-44ec-a38d-c482484902e1\",\"objectId\":\"3388000000022025937.LOYALTY_OBJECT_xxxxxxxxxxxxx\",\"eventType\":\"save\",\"expTimeMillis\":1754114831806,\"count\":1,\"nonce\":\"40a8e5af-5b7f-4ea4-b152-63d96858550e\"}"}''',
     1754114831806,
 )
 
@@ -410,7 +410,7 @@ class KeyServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 server.requests += 1
                 self.send_response(server.status)
                 self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -420,7 +420,7 @@ class KeyServer:
                 self.end_headers()
                 self.wfile.write(server.body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

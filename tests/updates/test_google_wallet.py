@@ -182,7 +182,8 @@ def test_changes_patch_the_object_and_notify_within_the_budget(client, services,
 
 
 @pytest.mark.parametrize("google_answers", [403, 429])
-def test_googles_notification_limit_drops_the_message_not_the_update(client, services, google, standin, google_answers) -> None:  # type: ignore[no-untyped-def]
+def test_googles_notification_limit_drops_the_message_not_the_update(  # type: ignore[no-untyped-def]
+        client, services, google, standin, google_answers) -> None:
     """Our count says there is budget, Google's says there is none (a restored database,
     or a reply lost after Google counted it): the object is patched once, the job is
     done, the message dropped, and our count corrected so the next change stays silent."""

@@ -416,7 +416,7 @@ def test_concurrent_writers_share_cache_dir(icon_file: Path, tmp_path: Path) -> 
         barrier.wait()
         try:
             results.append(cache.role_images(icon_file, "icon", "storeCard"))
-        except BaseException as exc:  # surfaced by the assert below
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assert below
             errors.append(exc)
 
     threads = [threading.Thread(target=worker) for _ in range(6)]
