@@ -61,8 +61,7 @@ from app.infra.models import (
     utcnow,
 )
 from app.segments import funnel_stats
-from app.wallet import certs, preview
-from app.wallet.builder import CardInput
+from app.wallet import certs
 from app.wallet.certs import identity_password
 
 if TYPE_CHECKING:
@@ -160,23 +159,7 @@ def preview_png(session: Session, services: Services, program: Program) -> bytes
 
     Raises ``app.wallet.template.TemplateError`` when the template cannot render.
     """
-
-    tenant = session.get(Tenant, program.tenant_id)
-    assert tenant is not None
-    # Transient, never added to the session: sample values only.
-    sample = Customer(external_id="PREVIEW", first_name="Alex", last_name="Sample",
-                      attributes={})
-    values = cards.builtin_values(sample, program, tenant)
-    template = services.templates.get(program.template)
-    resolved = template.resolve(values, {},
-                                {k: str(v) for k, v in (program.field_mapping or {}).items()})
-    card_input = CardInput(
-        serial_number="PREVIEW", authentication_token="PREVIEW" * 3,
-        pass_type_identifier=program.pass_type_identifier,
-        team_identifier=program.team_identifier, organization_name=tenant.name,
-        member_id=cards.member_id(sample), locale=None, values=resolved,
-        web_service_url=None, barcode_format=(program.options or {}).get("barcode_format"))
-    return preview.render_front(template, card_input)
+    return cards.preview_png(services, program)
 
 
 # -- funnel per campaign --------------------------------------------------------------------

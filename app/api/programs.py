@@ -37,11 +37,9 @@ from app.api.schemas import (
 )
 from app.cards import cards
 from app.customers.imports import find_customer
-from app.infra.models import AppleIdentity, Customer, Program, Tenant
+from app.infra.models import AppleIdentity, Program, Tenant
 from app.tenants import tenants
 from app.updates import operations
-from app.wallet import preview
-from app.wallet.builder import CardInput
 from app.wallet.template import TemplateError
 
 TAG = "programs"
@@ -174,26 +172,13 @@ def preview_program(slug: str) -> Any:
     session = db()
     program = load_program(slug)
     external_id = query(PreviewQuery).customer
+    customer = None
     if external_id:
         customer = find_customer(session, external_id)
         if customer is None:
             raise not_found("customer")
-    else:
-        # Transient, never added to the session: sample values only.
-        customer = Customer(external_id="PREVIEW", first_name="Alex", last_name="Sample",
-                            attributes={})
-    values = cards.builtin_values(customer, program, program.tenant)
     try:
-        template = services().templates.get(program.template)
-        resolved = template.resolve(values, dict(customer.attributes or {}),
-                                    {k: str(v) for k, v in (program.field_mapping or {}).items()})
-        card_input = CardInput(
-            serial_number="PREVIEW", authentication_token="PREVIEW" * 3,
-            pass_type_identifier=program.pass_type_identifier,
-            team_identifier=program.team_identifier, organization_name=program.tenant.name,
-            member_id=cards.member_id(customer), locale=customer.locale, values=resolved,
-            web_service_url=None, barcode_format=(program.options or {}).get("barcode_format"))
-        png = preview.render_front(template, card_input)
+        png = cards.preview_png(services(), program, customer)
     except TemplateError as exc:
         raise ApiProblem(422, "Unprocessable Content", str(exc)) from None
     return Response(png, mimetype="image/png", headers={"Cache-Control": "no-store"})

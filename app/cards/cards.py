@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.infra.models import AppleIdentity, Card, Customer, Program, Tenant, utcnow
+from app.wallet import preview
 from app.wallet.builder import CardInput, PassBuilder
 
 if TYPE_CHECKING:
@@ -145,3 +146,25 @@ def build_pkpass(session: Session, card: Card, services: Services) -> bytes:
     builder = services.pass_builder(card.program, apple_identity(session, card.program))
     rendered = render(card, services, builder)
     return builder.packager.build(rendered.pass_json, builder.signer)
+
+
+def preview_png(services: Services, program: Program, customer: Customer | None = None) -> bytes:
+    """The card front as a PNG: ``customer``'s data, or sample values when None.
+
+    The dashboard and the API draw the same picture from here. Raises
+    ``app.wallet.template.TemplateError`` when the template cannot render.
+    """
+    if customer is None:  # transient, never added to a session: sample values only
+        customer = Customer(external_id="PREVIEW", first_name="Alex", last_name="Sample",
+                            attributes={})
+    values = builtin_values(customer, program, program.tenant)
+    template = services.templates.get(program.template)
+    resolved = template.resolve(values, dict(customer.attributes or {}),
+                                {k: str(v) for k, v in (program.field_mapping or {}).items()})
+    card_input = CardInput(
+        serial_number="PREVIEW", authentication_token="PREVIEW" * 3,
+        pass_type_identifier=program.pass_type_identifier,
+        team_identifier=program.team_identifier, organization_name=program.tenant.name,
+        member_id=member_id(customer), locale=customer.locale, values=resolved,
+        web_service_url=None, barcode_format=(program.options or {}).get("barcode_format"))
+    return preview.render_front(template, card_input)

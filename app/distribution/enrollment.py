@@ -330,6 +330,10 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
     below): the first post's customer and card, ``repeated=True``, nothing done
     again. Does not commit.
     """
+    # The CRM is asked before this post writes anything: with the entry point's
+    # ``commit_before_calls`` no transaction is open while it answers (see
+    # docs/architecture.md, "Transactions"), and a refused post still rolls back whole.
+    asked = _ask_crm(session, services, program.tenant_id, _posted_email(form_data))
     # A repeat gets the first post's outcome whatever the settings say now; a refused
     # post is rolled back by the caller, claim included.
     claim = _claim(session, program, "enroll", form_data)
@@ -343,7 +347,7 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
     if submission.errors:
         raise FormInvalid(submission.errors)
     email = submission.values["email"]
-    member = _known_member(session, services, program.tenant_id, email)
+    member = _known_member(session, program.tenant_id, email, asked)
     customer = _create(session, program, submission, locale) if member is None else None
     if customer is None and member is None:  # someone enrolled this email a moment ago
         member = _local_member(session, program.tenant_id, email)
@@ -379,30 +383,47 @@ def enroll(session: Session, services: Services, program: Program, form_data: Ma
 _KNOWN_REMOTELY = object()
 
 
-def _known_member(session: Session, services: Services, tenant_id: int,
-                  email: str) -> Customer | object | None:
-    """The member holding this email (ours, or imported from the CRM), a marker if only the
-    CRM knows them and they cannot be loaded, or None.
+def _posted_email(form_data: Mapping[str, str]) -> str | None:
+    """The posted email as it will be stored, or None if it is not a valid address
+    (the form's validation then says so)."""
+    try:
+        return normalize_email(form_data.get("email") or "")
+    except CustomerDataError:
+        return None
+
+
+def _ask_crm(session: Session, services: Services, tenant_id: int,
+             email: str | None) -> Customer | object | None:
+    """What the CRM knows of this email: our copy of its member (loaded now), a marker if
+    only the CRM knows them and they cannot be loaded, or None.
 
     The CRM is asked even when our copy already knows the email, so both answers
     take one CRM round trip. An unreachable CRM counts as "not known": the
     person is enrolled and the outbox's create reaches the CRM later.
     """
-    local = _local_member(session, tenant_id, email)
+    if email is None:
+        return None
     try:
         connector = crm.connector_for(session, services, tenant_id)
         record = connector.find_by_email(email) if connector.kind != "builtin" else None
     except crm.CrmError as exc:
         log.warning("CRM lookup by email failed for tenant %s: %s", tenant_id, exc)
         record = None
-    if local is not None or record is None:
-        return local
+    if record is None or _local_member(session, tenant_id, email) is not None:
+        return None
     try:
         loaded = crm.load_customer(session, services, tenant_id, record.external_id)
     except crm.CrmError as exc:
         log.warning("CRM customer could not be loaded for tenant %s: %s", tenant_id, exc)
         loaded = None
     return loaded if loaded is not None else _KNOWN_REMOTELY
+
+
+def _known_member(session: Session, tenant_id: int, email: str,
+                  asked: Customer | object | None) -> Customer | object | None:
+    """The member holding this email: ours, else what the CRM said (:func:`_ask_crm`)."""
+    local = _local_member(session, tenant_id, email)
+    return local if local is not None else asked
 
 
 def _local_member(session: Session, tenant_id: int, email: str) -> Customer | None:

@@ -587,7 +587,7 @@ def submit_link_form(token: str) -> ResponseReturnValue:
         return _pretend_success()
     svc = services()
     action = links.token_path(token)
-    with svc.db.transaction(grant.tenant_id) as session:
+    with svc.db.transaction(grant.tenant_id, commit_before_calls=True) as session:
         program = _program(session, grant)
         if grant.purpose == "enroll":
             return _submit_enrollment(session, program, grant, grant.campaign, action)
@@ -633,7 +633,7 @@ def join(tenant_slug: str, program_slug: str) -> ResponseReturnValue:
     if request.method == "POST" and request.form.get(HONEYPOT):
         return _pretend_success()
     action = request.path
-    with services().db.transaction(tenant_id) as session:
+    with services().db.transaction(tenant_id, commit_before_calls=True) as session:
         program = _join_program(session, program_slug)
         if request.method == "POST":
             campaign = _campaign(request.form.get("campaign"))

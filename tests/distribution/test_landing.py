@@ -952,6 +952,33 @@ def test_no_transaction_is_open_while_the_landing_reads_the_crm(  # type: ignore
         assert session.scalar(select(LinkToken.uses).where(LinkToken.max_uses == 3)) == 1
 
 
+def test_no_transaction_is_open_while_an_enrollment_asks_the_crm(  # type: ignore[no-untyped-def]
+        client, services, demo, database_url, monkeypatch) -> None:
+    """The form's CRM lookups (by email, then the member's record) happen before the post
+    writes anything, and the request's transaction is committed before each of them."""
+    from tests.crm_standin import CrmStandin
+    from tests.txn_probe import TransactionProbe
+
+    monkeypatch.setenv("PASSERELLE_TEST_LANDING_CRM", "Bearer t")
+    probe = TransactionProbe(database_url)
+    with CrmStandin(auth_value="Bearer t", on_request=probe) as crm:
+        _connect_crm(services, demo, crm.url, max_staleness_seconds=0, timeout_seconds=5)
+        for email in ("new.member@example.org", "only.in.crm@example.org"):
+            if email.startswith("only"):
+                crm.add({"id": "C-3001", "contact": {"email": email}})  # held, then imported
+            form = _join_form(client)
+            form.update({"email": email, "first_name": "Noor", "consent_terms": "yes",
+                         # the page's id: this post claims it (a row write) before enrolling
+                         "submission": hidden(html(get(client, "/join/demo/rewards")),
+                                              "submission")})
+            assert client.post("/join/demo/rewards", data=form).status_code == 303
+    assert probe.calls >= 3  # two lookups by email, one read of the CRM's member
+    assert probe.held == []
+    with services.db.session() as session:
+        assert session.scalar(select(func.count(Customer.id)).where(
+            Customer.email.in_(["new.member@example.org", "only.in.crm@example.org"]))) == 2
+
+
 def test_no_transaction_is_open_while_the_google_button_calls_google(  # type: ignore[no-untyped-def]
         client, services, demo, google, standin, database_url) -> None:
     from tests.txn_probe import TransactionProbe
