@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/push_fanout.py [--cards 10000] [--repeat 3]
         [--database-url postgresql://postgres@127.0.0.1:5432/passerelle_push_bench]
-        [--redis-url redis://127.0.0.1:6379/5]
+        [--redis-url redis://127.0.0.1:6379/5] [--cpu-quota 0.5]
 
 What production runs, end to end from the outbox: the database (PostgreSQL by
 default; the named database is dropped and recreated, so give it one of its own)
@@ -71,6 +71,10 @@ def main() -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/5",
                         help="Huey queue (flushed); '' for the embedded SQLite queue")
     parser.add_argument("--bare", choices=["auto", "h2load", "python"], default="auto")
+    parser.add_argument("--cpu-quota", type=float, default=None, metavar="CORES",
+                        help="cap each worker process at this many cores (a cgroup of its own; "
+                             "root, cgroup v1 or v2): shows how rates add up per process on a "
+                             "machine too small to give each worker a core")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="push-fanout-") as tmp:
@@ -107,6 +111,7 @@ def main() -> int:
                     env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                     stderr=open(work / f"worker-{count}-{i}.log", "w"))
                     for i in range(count)]
+                groups = [_cap_cpu(w.pid, args.cpu_quota) for w in workers] if args.cpu_quota else []
                 try:
                     _run(services, card_ids[:200], count)  # processes up, connections open
                     for _ in range(args.repeat):
@@ -125,6 +130,8 @@ def main() -> int:
                             worker.wait(timeout=15)
                         except subprocess.TimeoutExpired:
                             worker.kill()
+                    for group in groups:
+                        _remove_group(group)
         finally:
             server.terminate()
             server.wait(timeout=10)
@@ -138,6 +145,8 @@ def main() -> int:
     print(f"cores: {os.cpu_count()}; Python {platform.python_version()}; {database}, queue "
           f"{'Redis' if args.redis_url else 'SQLite'}; {args.cards} changed cards with 1 "
           f"device each per run; median of {args.repeat}")
+    if args.cpu_quota:
+        print(f"each worker process capped at {args.cpu_quota:g} core(s) (cgroup cpu quota)")
     print(f"stand-in ceiling ({label})")
     print(f"  {ceiling:8.0f} pushes/s   runs: {', '.join(f'{r:.0f}' for r in ceilings)}")
     for count, runs in rates.items():
@@ -155,6 +164,30 @@ def main() -> int:
         scale = statistics.median(rates[last]) / statistics.median(rates[one])
         print(f"scaling {one} -> {last} processes: x{scale:.2f}")
     return 0
+
+
+def _cap_cpu(pid: int, cores: float) -> Path:
+    """Put one process (all its threads) in a cgroup of its own limited to ``cores``."""
+    period = 100_000
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    group = Path("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/cpu") / f"push-fanout-{pid}"
+    group.mkdir()
+    if v2:
+        (group / "cpu.max").write_text(f"{int(cores * period)} {period}")
+    else:
+        (group / "cpu.cfs_period_us").write_text(str(period))
+        (group / "cpu.cfs_quota_us").write_text(str(int(cores * period)))
+    (group / "cgroup.procs").write_text(str(pid))
+    return group
+
+
+def _remove_group(group: Path) -> None:
+    for _ in range(50):  # the exited process leaves the group a moment later
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def _cpu_seconds(pids: list[int]) -> float:
