@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 #: Drain tasks started at once for a large dispatch: enough to keep every thread of a
 #: couple of worker processes busy, each chain claiming its own batches.
-DRAIN_CHAINS = 4
+DRAIN_CHAINS = 8
 
 #: What one attempt says: its state, seconds until a retry is due, rows it unblocked.
 Attempt = tuple[str, "float | None", Iterable[int]]
