@@ -9,7 +9,7 @@ Panels and where their numbers come from:
 
 - programs: ``programs`` with card counts, installs by platform and state
   from ``card_install_states`` (the per-card fold of the install log), and a
-  PNG preview of the card front (``app/preview.py``, sample data);
+  PNG preview of the card front (``app.cards.cards.preview_png``, sample data);
 - funnel per campaign: ``app/funnel_stats.py`` (links issued, opened,
   downloaded and installed per platform), drawn as SVG bars;
 - health: Apple certificate expiry per pass type identity (``app/certs.py``),
@@ -152,14 +152,6 @@ def campaigns(session: Session, tenant_id: int, program_id: int) -> list[str]:
                                          LinkToken.program_id == program_id,
                                          LinkToken.campaign.is_not(None))
         .group_by(LinkToken.campaign).order_by(LinkToken.campaign).limit(200)))
-
-
-def preview_png(session: Session, services: Services, program: Program) -> bytes:
-    """The card front with sample values (no customer's data), as the API's preview draws it.
-
-    Raises ``app.wallet.template.TemplateError`` when the template cannot render.
-    """
-    return cards.preview_png(services, program)
 
 
 # -- funnel per campaign --------------------------------------------------------------------

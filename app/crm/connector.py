@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session  # noqa: F401 - named in docstrings only
+from typing import Any, Protocol
 
 #: The customer fields a CRM record can carry besides ``attributes.*`` and ``consents.*``.
 STANDARD_FIELDS = ("email", "first_name", "last_name", "locale", "phone", "birthday")

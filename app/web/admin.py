@@ -60,6 +60,7 @@ from app.admin import dashboard
 from app.admin import users as admin_users
 from app.admin.audit import record as audit_record
 from app.admin.users import AdminUserError
+from app.cards import cards
 from app.customers.customers import CustomerDataError
 from app.distribution.links import PERSONAL_PURPOSES
 from app.infra import bounds
@@ -390,7 +391,7 @@ def program(slug: str) -> Any:
 def program_preview(slug: str) -> Any:
     found = _program(slug)
     try:
-        png = dashboard.preview_png(db(), services(), found)
+        png = cards.preview_png(services(), found)  # sample values, as the API's preview
     except TemplateError as exc:
         log.warning("preview of program %s failed: %s", found.slug, exc)
         abort(422, description="This program's template cannot be drawn.")
